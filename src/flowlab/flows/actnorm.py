@@ -1,0 +1,63 @@
+"""ActNorm (Kingma & Dhariwal, 2018): a per-channel affine map with data-dependent initialisation."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .utils import exact, per_sample
+
+_MIN_STD = 1e-6
+
+
+class ActNorm(nn.Module):
+    """``y = (x + bias) · exp(logs)`` per channel; log-det ``H·W·Σ_c logs_c``.
+
+    On the first forward pass in training mode the layer sets ``bias`` and ``logs`` so that its
+    output has zero mean and unit variance per channel on that batch. Under ``torch.distributed``
+    the statistics are summed over every process first, so all ranks get identical parameters
+    (the global batch), not one initialisation per replica. A channel with (near) zero variance
+    keeps scale 1 instead of dividing by zero. ``initialized`` is a buffer: it is saved and
+    loaded with the model, so a restored model is never re-initialised.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False  # host-side mirror: no device sync on the hot path
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set bias and logs from the statistics of ``x`` (reduced over all processes)."""
+        xd = x.detach().double()
+        stats = torch.stack(
+            [xd.sum(dim=(0, 2, 3)), (xd * xd).sum(dim=(0, 2, 3))]
+        )  # [2, C]
+        count = torch.tensor(float(xd.numel() // xd.shape[1]), dtype=torch.float64, device=x.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+            dist.all_reduce(count)
+        mean = stats[0] / count
+        var = (stats[1] / count - mean * mean).clamp_min(0.0)
+        std = var.sqrt()
+        std = torch.where(std > _MIN_STD, std, torch.ones_like(std))
+        self.bias.copy_((-mean).view_as(self.bias))
+        self.logs.copy_((-std.log()).view_as(self.logs))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
+        return per_sample(x.shape[2] * x.shape[3] * exact(self.logs).sum(), x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and not self._initialized:
+            self.initialize(x)
+        return (x + self.bias) * torch.exp(self.logs), self._logdet(x)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * torch.exp(-self.logs) - self.bias

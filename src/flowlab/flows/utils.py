@@ -1,0 +1,35 @@
+"""Small helpers shared by the flow layers."""
+
+import torch
+
+#: Bound on learned log-magnitudes that must keep a scale away from 0 (the shift function's α,
+#: Emerging's centre diagonal). |scale| stays within [e^-7, e^7] ≈ [9e-4, 1.1e3], so the layer
+#: remains invertible and finite in float32 whatever the optimiser does to the raw parameter.
+LOG_SCALE_BOUND = 7.0
+
+
+def bounded_log_scale(raw: torch.Tensor) -> torch.Tensor:
+    """Clamp a learned log-magnitude to ±LOG_SCALE_BOUND."""
+    return raw.clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND)
+
+
+def exact(t: torch.Tensor) -> torch.Tensor:
+    """The dtype log-dets and priors are accumulated in: float64 stays, anything else becomes float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension but the first: [B, ...] -> [B]."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a data-independent log-det (a scalar) to one value per sample, [B]."""
+    return logdet.expand(x.shape[0])
+
+
+def random_orthogonal(channels: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random orthogonal [C, C] matrix (QR of a Gaussian), Glow's 1×1 initialisation."""
+    q, r = torch.linalg.qr(torch.randn(channels, channels, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar-uniform
+    return q.float()
