@@ -236,3 +236,34 @@ def test_bad_sizes_and_names_raise_valueerror_naming_them():
     model = Glow(3, 8, K=1, L=1, hidden_channels=8)
     with pytest.raises(ValueError, match=r"\[B, 3, 8, 8\].*\[2, 1, 8, 8\]"):
         model.log_prob(torch.zeros(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_realnvp_inverse_and_logdet(L):
+    from flowlab.flows import RealNVP
+
+    torch.manual_seed(0)
+    model = RealNVP(in_channels=2, image_size=8, K=2, L=L, hidden_channels=16).double()
+    x = torch.rand(4, 2, 8, 8, dtype=torch.float64) - 0.5
+    model.initialize(x)
+    perturb(model)
+    model.eval()
+    zs, logdet = model.encode(x)
+    assert len(zs) == L and [tuple(z.shape[1:]) for z in zs] == model.latent_shapes
+    assert (model.decode(zs) - x).abs().max() <= 1e-8
+    expected = brute_force_logdet(lambda v: torch.cat([z.flatten() for z in model.encode(v)[0]]), x[:1])
+    assert torch.allclose(logdet[0], expected, rtol=1e-6, atol=0)
+    assert torch.isfinite(model.bits_per_dim(x)).all()
+    for t in (0.0, 0.7):
+        assert torch.isfinite(model.sample(3, temperature=t)).all()
+
+
+def test_realnvp_has_no_learned_channel_mixing():
+    from flowlab.flows import RealNVP
+
+    model = RealNVP(1, 28, K=3, L=3, hidden_channels=8)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"CheckerboardCoupling", "ChannelCoupling"} <= kinds
+    assert not kinds & {"InvertibleConv1x1", "InvertibleNxNConv", "EmergingConv", "Shuffle", "Reverse"}
+    with pytest.raises(ConfigError, match=r"28 is not divisible by 2\^3"):
+        RealNVP(1, 28, K=3, L=4, hidden_channels=8)

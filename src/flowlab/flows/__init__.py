@@ -7,15 +7,17 @@ from .actnorm import ActNorm
 from .conv1x1 import InvertibleConv1x1
 from .coupling import AdditiveCoupling, AffineCoupling, CouplingNet, ZeroConv2d
 from .emerging import EmergingConv, MaskedConv
-from .glow import COUPLINGS, PERMUTATIONS, FlowStep, Glow, check_image_size
+from .base import MultiScaleFlow, check_image_size
+from .glow import COUPLINGS, PERMUTATIONS, FlowStep, Glow
 from .multiscale import SplitPrior, Squeeze, TopPrior, squeeze2d, unsqueeze2d
 from .nxn import InvertibleNxNConv
+from .realnvp import ChannelCoupling, CheckerboardCoupling, RealNVP
 from .permute import ChannelPermutation, Reverse, Shuffle
 from .shift import InvertibleShift
 
 __all__ = [
     "ActNorm", "AdditiveCoupling", "AffineCoupling", "COUPLINGS", "ChannelPermutation", "CouplingNet",
     "EmergingConv", "FlowStep", "Glow", "InvertibleConv1x1", "InvertibleNxNConv", "InvertibleShift",
-    "MaskedConv", "PERMUTATIONS", "Reverse", "Shuffle", "SplitPrior", "Squeeze", "TopPrior", "ZeroConv2d",
+    "MaskedConv", "MultiScaleFlow", "PERMUTATIONS", "RealNVP", "ChannelCoupling", "CheckerboardCoupling", "Reverse", "Shuffle", "SplitPrior", "Squeeze", "TopPrior", "ZeroConv2d",
     "check_image_size", "squeeze2d", "unsqueeze2d",
 ]

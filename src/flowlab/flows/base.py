@@ -1,0 +1,164 @@
+"""The multi-scale flow skeleton shared by Glow and RealNVP: levels of flow layers, each but the
+last followed by a split with a learned conditional prior, and a prior on the top latent.
+
+Data convention (written down once, here). An image with integer values ``v ∈ {0, …, 2^n_bits − 1}``
+is preprocessed to ``x = v / 2^n_bits − 0.5 + u``, ``u ~ U[0, 1/2^n_bits)``: a continuous point in
+the pixel's bin of width ``1/2^n_bits`` inside [−0.5, 0.5]. ``log_prob(x)`` is the continuous
+log-density in nats; the discrete log-likelihood of ``v`` is bounded below by
+``log_prob(x) − D·n_bits·ln 2`` (D = C·H·W), so bits/dim, the figure of the paper's Table 2, is
+
+    bits_per_dim(x) = (−log_prob(x) / D + n_bits · ln 2) / ln 2.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .multiscale import SplitPrior, TopPrior, gaussian_log_prob, gaussian_sample
+from .utils import exact
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """Raise ConfigError unless ``value`` is an integer ≥ minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} is not allowed: it must be an integer ≥ {minimum}")
+    return value
+
+
+def check_n_bits(n_bits) -> int:
+    if isinstance(n_bits, bool) or not isinstance(n_bits, int) or not 1 <= n_bits <= 8:
+        raise ConfigError(f"n_bits={n_bits!r} is not allowed: it must be an integer in 1..8")
+    return n_bits
+
+
+def check_image_size(image_size, L: int) -> tuple[int, int]:
+    """(H, W) from an int or a pair; raise ConfigError unless both are divisible by 2^L."""
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in hw):
+        raise ConfigError(f"image_size={image_size!r} is not allowed: give a positive int or (height, width)")
+    factor = 2**L
+    for s in sorted(set(hw)):
+        if s % factor:
+            raise ConfigError(
+                f"model.L={L}: image size {s} is not divisible by 2^{L} = {factor}; "
+                f"use a smaller L (at most {int(math.log2(s & -s))} for size {s}) or resize/pad the images"
+            )
+    return hw  # type: ignore[return-value]
+
+
+class MultiScaleFlow(nn.Module):
+    """x → z through ``levels``; after level l < L−1 a :class:`SplitPrior` factors out half the channels.
+
+    Subclasses fill ``self.levels`` (one ``nn.ModuleList`` of flow layers per level) by calling
+    :meth:`add_level` and finish with :meth:`finish`.
+    """
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], L: int, n_bits: int):
+        super().__init__()
+        self.in_channels, self.image_size, self.L, self.n_bits = in_channels, image_size, L, n_bits
+        self.levels = nn.ModuleList()
+        self.splits = nn.ModuleList()
+        self.latent_shapes: list[tuple[int, int, int]] = []
+
+    def add_level(self, layers: list[nn.Module], shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Append a level whose output has ``shape`` (C, H, W); returns the shape passed on."""
+        self.levels.append(nn.ModuleList(layers))
+        channels, height, width = shape
+        if len(self.levels) < self.L:
+            split = SplitPrior(channels)
+            self.splits.append(split)
+            self.latent_shapes.append((channels - split.keep, height, width))
+            return split.keep, height, width
+        return shape
+
+    def finish(self, shape: tuple[int, int, int], learn_top: bool) -> None:
+        self.latent_shapes.append(shape)
+        self.top_prior = TopPrior(shape[0], learn=learn_top)
+
+    @property
+    def dims(self) -> int:
+        """D = C·H·W, the number of dimensions bits/dim divides by."""
+        return self.in_channels * self.image_size[0] * self.image_size[1]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = (self.in_channels, *self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape [B, {expected[0]}, {expected[1]}, {expected[2]}] "
+                f"(in_channels={self.in_channels}, image_size={self.image_size}), got {list(x.shape)}"
+            )
+
+    # -- the map x -> z ---------------------------------------------------------------------
+    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(zs, log-det, log prior) in one pass."""
+        self._check_input(x)
+        logdet = exact(x.new_zeros(x.shape[0]))
+        log_prior = torch.zeros_like(logdet)
+        zs = []
+        h = x
+        for level, layers in enumerate(self.levels):
+            for layer in layers:
+                h, ld = layer(h)
+                logdet = logdet + ld
+            if level < self.L - 1:
+                split = self.splits[level]
+                h, z = split.split(h)
+                log_prior = log_prior + gaussian_log_prob(z, *split(h))
+                zs.append(z)
+        log_prior = log_prior + gaussian_log_prob(h, *self.top_prior(h.shape))
+        zs.append(h)
+        return zs, logdet, log_prior
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(zs, logdet)``: one latent per level (factored-out halves, then the top) and log|det ∂z/∂x| [B]."""
+        zs, logdet, _ = self._encode(x)
+        return zs, logdet
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Continuous log-density of ``x`` in nats, [B] (prior + log-det)."""
+        _, logdet, log_prior = self._encode(x)
+        return log_prior + logdet
+
+    def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Bits per dimension [B], including the discretisation term: the number of the paper's tables."""
+        return (-self.log_prob(x) / self.dims + self.n_bits * math.log(2)) / math.log(2)
+
+    def initialize(self, x: torch.Tensor) -> None:
+        """Run the data-dependent ActNorm initialisation on ``x`` (a no-op once initialised)."""
+        was_training = self.training
+        self.train()
+        with torch.no_grad():
+            self._encode(x)
+        self.train(was_training)
+
+    # -- the map z -> x ---------------------------------------------------------------------
+    def _decode(self, zs: Sequence[torch.Tensor] | None, n: int, temperature: float) -> torch.Tensor:
+        """Decode level by level; latents not given are drawn from the prior at ``temperature``."""
+        if zs is not None and len(zs) != self.L:
+            raise ValueError(f"decode expects {self.L} latents (one per level), got {len(zs)}")
+        if zs is None:
+            h = gaussian_sample(*self.top_prior((n, *self.latent_shapes[-1])), temperature)
+        else:
+            h = zs[-1]
+        for level in reversed(range(self.L)):
+            if level < self.L - 1:
+                split = self.splits[level]
+                z = zs[level] if zs is not None else gaussian_sample(*split(h), temperature)
+                h = torch.cat([h, z.to(h.dtype)], dim=1)
+            for layer in reversed(self.levels[level]):
+                h = layer.inverse(h)
+        return h
+
+    def decode(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``x`` from the latents returned by :meth:`encode`."""
+        return self._decode(list(zs), zs[0].shape[0], 1.0)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        """``n`` images (about [−0.5, 0.5]); temperature 0 decodes the prior means, level by level."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+        return self._decode(None, n, temperature)
