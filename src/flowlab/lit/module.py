@@ -1,0 +1,252 @@
+"""The LightningModule: trains any flow with flowlab's contract by maximum likelihood.
+
+The flow (``flowlab.flows.Glow`` or any class with the same contract: ``bits_per_dim``, ``encode``,
+``decode``, ``sample``, an ``n_bits`` attribute and optionally ``initialize``) is built from a
+plain-dict config holding its ``_target_``. Every constructor argument of this module is a plain
+container, saved in the checkpoint, so ``FlowModule.from_checkpoint`` rebuilds the model from the
+checkpoint alone and the checkpoint loads with ``torch.load(weights_only=True)``.
+
+Dequantisation: batches hold integer images already reduced to ``n_bits``. Training adds fresh
+uniform noise every step from a generator seeded by (seed, process rank, starting step), so DDP
+processes use different noise. Validation and test noise is a fixed function of (eval seed, image
+index, draw) — see :mod:`flowlab.lit.noise` — so their bits/dim does not depend on batching.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from flowlab.data.transforms import preprocess
+from flowlab.errors import ConfigError
+from flowlab.lit.ema import EMA
+from flowlab.lit.metrics import BitsPerDim
+from flowlab.lit.noise import eval_uniform
+
+__all__ = ["FlowModule", "build_flow", "OPTIMIZERS", "ALLOWED_MODEL_PACKAGES"]
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
+#: ``_target_`` of a model config must name a class in one of these packages (checkpoints are data, not code)
+ALLOWED_MODEL_PACKAGES = ("flowlab.flows",)
+_OPTIM_DEFAULTS_KEYS = ("optimizer", "lr", "betas", "weight_decay", "warmup_steps", "grad_clip", "ema_decay")
+
+
+def _plain(obj: Any) -> Any:
+    """A deep copy made of dict/list/str/int/float/bool/None only (what weights_only checkpoints accept)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    try:  # OmegaConf containers
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(obj):
+            return _plain(OmegaConf.to_container(obj, resolve=True))
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"not a plain config value: {obj!r} ({type(obj).__name__})")
+
+
+def build_flow(model_cfg: Mapping) -> nn.Module:
+    """Instantiate a flow from ``{"_target_": "flowlab.flows.Glow", **kwargs}``.
+
+    Only classes of :data:`ALLOWED_MODEL_PACKAGES` may be named and no argument may itself be a
+    ``_target_``: a config (or a checkpoint's hyper-parameters) can choose a model, never run code.
+    """
+    cfg = _plain(model_cfg)
+    target = cfg.pop("_target_", None)
+    if not isinstance(target, str) or "." not in target:
+        raise ConfigError(f"model._target_={target!r} is not allowed: name a flow class, e.g. flowlab.flows.Glow")
+    module_name, _, cls_name = target.rpartition(".")
+    if module_name not in ALLOWED_MODEL_PACKAGES:
+        raise ConfigError(f"model._target_={target!r} is not allowed: the model must be a class of "
+                          f"{' or '.join(ALLOWED_MODEL_PACKAGES)}")
+
+    def _reject_nested(value, key):
+        if isinstance(value, dict):
+            if any(k.startswith("_") and k.endswith("_") for k in value):
+                raise ConfigError(f"model.{key} is not allowed to hold a Hydra directive ({sorted(value)})")
+            for k, v in value.items():
+                _reject_nested(v, f"{key}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                _reject_nested(v, f"{key}[{i}]")
+
+    for k, v in cfg.items():
+        if k.startswith("_") and k.endswith("_"):
+            raise ConfigError(f"model.{k} is not allowed: a model config holds _target_ and the class's arguments")
+        _reject_nested(v, k)
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"model._target_={target!r} is not a flow class in {module_name}")
+    try:
+        return cls(**cfg)
+    except TypeError as e:  # an unknown or missing argument name
+        raise ConfigError(f"model: {target} does not accept these arguments ({e}); "
+                          f"check the keys under model: {sorted(cfg)}") from e
+
+
+class FlowModule(pl.LightningModule):
+    """Maximum-likelihood training of a flow; loss = mean bits/dim of the dequantised batch.
+
+    Args:
+        model: the flow's config (``_target_`` + constructor arguments), a plain dict.
+        optim: ``optimizer`` (adam | adamax), ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``
+            (linear warm-up), ``grad_clip`` (max global gradient norm or None), ``ema_decay`` (None: off).
+        eval_seed: seed of the validation/test dequantisation noise.
+        seed: seed of the training noise (combined with the process rank).
+        use_ema: evaluate (validation, test, images) with the EMA weights when they exist.
+        data: a description of the data the model is trained on (kept for messages and tools).
+    """
+
+    def __init__(self, model: Mapping, optim: Mapping, eval_seed: int = 1234, seed: int = 0,
+                 use_ema: bool = True, data: Mapping | None = None):
+        super().__init__()
+        model, optim = _plain(model), _plain(optim)
+        data = None if data is None else _plain(data)
+        self.save_hyperparameters({"model": model, "optim": optim, "eval_seed": int(eval_seed), "seed": int(seed),
+                                   "use_ema": bool(use_ema), "data": data})
+        self.flow = build_flow(model)
+        self.n_bits = int(self.flow.n_bits)
+        ema_decay = optim.get("ema_decay")
+        self.ema = EMA(self.flow, ema_decay) if ema_decay else None
+        self.use_ema = bool(use_ema)
+        self.eval_draws = 1  # dequantisation draws per test image (flowlab-eval sets more)
+        self.train_bpd = BitsPerDim()
+        self.val_bpd = BitsPerDim()
+        self.test_bpd = BitsPerDim()
+        self._noise_gen: torch.Generator | None = None
+        self._needs_init: bool | None = None
+
+    # ---- the model used for evaluation and pictures -----------------------------------------------
+    @property
+    def eval_flow(self) -> nn.Module:
+        """The EMA weights when kept (and ``use_ema``), else the trained weights."""
+        return self.ema.module if (self.ema is not None and self.use_ema) else self.flow
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.flow.parameters())
+
+    # ---- dequantisation -------------------------------------------------------------------------
+    def _train_noise_generator(self) -> torch.Generator:
+        if self._noise_gen is None or self._noise_gen.device != self.device:
+            seed = (int(self.hparams.seed) * 1_000_003 + 7919 * int(self.global_rank)
+                    + int(self.global_step)) % (2**63 - 1)
+            self._noise_gen = torch.Generator(device=self.device).manual_seed(seed)
+        return self._noise_gen
+
+    def dequantize_train(self, x: torch.Tensor) -> torch.Tensor:
+        """Fresh U[0, 1/2^n_bits) noise on the preprocessed batch (different on every process)."""
+        xf = preprocess(x, self.n_bits)
+        noise = torch.rand(xf.shape, generator=self._train_noise_generator(), dtype=xf.dtype, device=xf.device)
+        return xf + noise / float(2**self.n_bits)
+
+    def dequantize_eval(self, x: torch.Tensor, index: torch.Tensor, draw: int = 0) -> torch.Tensor:
+        """Noise determined by (eval seed, dataset index, draw): the same for any batch or process layout."""
+        xf = preprocess(x, self.n_bits)
+        u = eval_uniform(index.to(xf.device), xf.shape, seed=int(self.hparams.eval_seed), draw=draw, dtype=xf.dtype)
+        return xf + u / float(2**self.n_bits)
+
+    # ---- ActNorm's data-dependent initialisation --------------------------------------------------
+    def _flow_needs_init(self) -> bool:
+        if self._needs_init is None:
+            self._needs_init = any(name.rsplit(".", 1)[-1] == "initialized" and not bool(buf.all())
+                                   for name, buf in self.flow.named_buffers())
+        return self._needs_init
+
+    def _initialize_flow(self, x: torch.Tensor) -> None:
+        """Explicit init pass on the first training batch, before the first optimiser step.
+
+        Under DDP every process calls this at the same step; ActNorm reduces its statistics over
+        all processes, so all replicas start identical.
+        """
+        init = getattr(self.flow, "initialize", None)
+        if callable(init):
+            init(x)
+        else:  # a flow without initialize(): a no-grad forward in training mode does the same
+            with torch.no_grad():
+                self.flow.log_prob(x)
+        self._needs_init = False
+        if self.ema is not None:
+            self.ema.reset(self.flow)
+
+    # ---- Lightning hooks --------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._noise_gen = None  # re-seed from (seed, rank, step): a resumed run continues with new noise
+        self._needs_init = None
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = self.dequantize_train(batch[0])
+        if self._flow_needs_init():
+            self._initialize_flow(x)
+        bpd = self.flow.bits_per_dim(x)
+        loss = bpd.mean()
+        self.train_bpd(bpd.detach())
+        self.log("train/bpd", self.train_bpd, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, batch_idx: int, metric: BitsPerDim, draws: int) -> None:
+        x = batch[0]
+        if len(batch) >= 3:
+            index = batch[2]
+        else:  # datasets that do not yield their index: position in the loader (batch-size dependent)
+            index = torch.arange(x.shape[0], device=x.device) + batch_idx * x.shape[0]
+        flow = self.eval_flow
+        for draw in range(draws):
+            metric.update(flow.bits_per_dim(self.dequantize_eval(x, index, draw)))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.val_bpd, 1)
+        self.log("val/bpd", self.val_bpd, on_step=False, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.test_bpd, self.eval_draws)
+        self.log("test/bpd", self.test_bpd, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        name = str(o.get("optimizer", "adam")).lower()
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"optim.optimizer={name!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+        kwargs = {"lr": float(o["lr"]), "weight_decay": float(o.get("weight_decay") or 0.0)}
+        if o.get("betas") is not None:
+            kwargs["betas"] = tuple(float(b) for b in o["betas"])
+        optimizer = OPTIMIZERS[name](self.flow.parameters(), **kwargs)
+        warmup = int(o.get("warmup_steps") or 0)
+        if warmup <= 0:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the global gradient norm to ``optim.grad_clip`` and log the norm before clipping."""
+        clip = self.hparams.optim.get("grad_clip")
+        params = [p for p in self.flow.parameters() if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else math.inf)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.flow)
+
+    # ---- rebuilding from a checkpoint -----------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping, strict: bool = True) -> "FlowModule":
+        """A module rebuilt from a loaded checkpoint dict (see :func:`flowlab.lit.checkpoint.load_checkpoint`)."""
+        hp = dict(checkpoint["hyper_parameters"])
+        module = cls(**{k: hp[k] for k in ("model", "optim", "eval_seed", "seed", "use_ema", "data") if k in hp})
+        module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        return module
