@@ -1,0 +1,23 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fakedata import SMALL_OVERRIDES, write_all
+
+
+@pytest.fixture(scope="session")
+def fake_data_dir(tmp_path_factory):
+    """A ``paths.data_dir`` holding every dataset in its real on-disk format, small (see tests/fakedata.py).
+
+    Use with ``fake_data_overrides`` so the default data configs fit it, e.g.
+    ``["paths.data_dir=" + str(fake_data_dir), "data=cifar10", *fake_data_overrides]``.
+    """
+    return write_all(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def fake_data_overrides():
+    """Hydra overrides (batch size, validation share, workers) that fit the data of ``fake_data_dir``."""
+    return list(SMALL_OVERRIDES)
