@@ -100,7 +100,7 @@ class FlowDataModule(pl.LightningDataModule):
         if root is None or str(root).strip() == "":
             raise ConfigError("data.root is empty: set it to the folder holding the dataset "
                               "(by default ${paths.data_dir}/<dataset>)")
-        self.root = Path(str(root)).expanduser()
+        self.root = Path(str(root)).expanduser().absolute()  # messages name the full path
         if not _is_int(batch_size) or batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size!r} is not allowed: it must be a positive integer")
         if not _is_int(num_workers) or num_workers < 0:
