@@ -51,13 +51,19 @@ class ActNorm(nn.Module):
         self.initialized.fill_(True)
         self._initialized = True
 
-    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
-        return per_sample(x.shape[2] * x.shape[3] * exact(self.logs).sum(), x)
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer as ``y = s·x + c`` per channel: (s, c), each [C]."""
+        scale = torch.exp(self.logs).view(-1)
+        return scale, self.bias.view(-1) * scale
+
+    def logdet(self, height: int, width: int) -> torch.Tensor:
+        """The data-independent log-det as a scalar."""
+        return height * width * exact(self.logs).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not self._initialized:
             self.initialize(x)
-        return (x + self.bias) * torch.exp(self.logs), self._logdet(x)
+        return (x + self.bias) * torch.exp(self.logs), per_sample(self.logdet(x.shape[2], x.shape[3]), x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return y * torch.exp(-self.logs) - self.bias

@@ -1,10 +1,9 @@
 """Glow's invertible 1×1 convolution, plain and LU-decomposed."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .utils import exact, per_sample, random_orthogonal
+from .utils import exact, per_sample, pointwise_conv, random_orthogonal
 
 
 class InvertibleConv1x1(nn.Module):
@@ -84,11 +83,15 @@ class InvertibleConv1x1(nn.Module):
         return height * width * self.logabsdet()
 
     # -- flow interface ---------------------------------------------------------------------
+    def affine(self) -> tuple[torch.Tensor, None]:
+        """The layer as ``y = A x + c`` per pixel: (A, c); used to fold neighbouring per-channel maps."""
+        return self.weight_matrix(), None
+
+    def inverse_affine(self) -> tuple[torch.Tensor, None]:
+        return self.inverse_matrix(), None
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.weight_matrix().to(x.dtype)
-        y = F.conv2d(x, w.view(self.channels, self.channels, 1, 1))
-        return y, per_sample(self.logdet(x.shape[2], x.shape[3]), x)
+        return pointwise_conv(x, self.weight_matrix()), per_sample(self.logdet(x.shape[2], x.shape[3]), x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        w_inv = self.inverse_matrix().to(y.dtype)
-        return F.conv2d(y, w_inv.view(self.channels, self.channels, 1, 1))
+        return pointwise_conv(y, self.inverse_matrix())

@@ -19,6 +19,7 @@ from .emerging import EmergingConv
 from .multiscale import Squeeze
 from .nxn import InvertibleNxNConv
 from .permute import Reverse, Shuffle
+from .utils import per_sample, pointwise_conv
 
 PERMUTATIONS = {
     "nxn": lambda c, k: InvertibleNxNConv(c, kernel_size=k, lu=True),
@@ -40,14 +41,38 @@ class FlowStep(nn.Module):
         self.permutation = PERMUTATIONS[permutation](channels, kernel_size)
         self.coupling = COUPLINGS[coupling](channels, hidden_channels)
 
+        # ActNorm followed by a mixing layer that is affine per pixel (1×1 conv, n×n conv) is one
+        # composed 1×1 convolution: weights composed once per step, one matrix product per pixel.
+        self.foldable = hasattr(self.permutation, "affine")
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, ld1 = self.actnorm(x)
-        x, ld2 = self.permutation(x)
+        if not self.foldable:
+            x, ld1 = self.actnorm(x)
+            x, ld2 = self.permutation(x)
+        else:
+            if self.training and not self.actnorm._initialized:
+                self.actnorm.initialize(x)
+            weight, bias = self.permutation.affine()
+            scale, shift = self.actnorm.scale_shift()
+            composed_bias = weight @ shift if bias is None else weight @ shift + bias
+            x = pointwise_conv(x, weight * scale.unsqueeze(0), composed_bias)
+            ld1 = per_sample(self.actnorm.logdet(x.shape[2], x.shape[3]), x)
+            ld2 = per_sample(self.permutation.logdet(x.shape[2], x.shape[3]), x)
         x, ld3 = self.coupling(x)
         return x, ld1 + ld2 + ld3
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return self.actnorm.inverse(self.permutation.inverse(self.coupling.inverse(y)))
+        y = self.coupling.inverse(y)
+        if not self.foldable:
+            return self.actnorm.inverse(self.permutation.inverse(y))
+        # x = diag(1/s)·(A⁻¹ y + c') − b  with the mixing layer's inverse (A⁻¹, c').
+        weight_inv, bias_inv = self.permutation.inverse_affine()
+        inv_scale = torch.exp(-self.actnorm.logs).view(-1, 1)
+        weight = weight_inv * inv_scale
+        bias = -self.actnorm.bias.view(-1)
+        if bias_inv is not None:
+            bias = bias + bias_inv * inv_scale.view(-1)
+        return pointwise_conv(y, weight, bias)
 
 
 class Glow(MultiScaleFlow):

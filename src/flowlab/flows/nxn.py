@@ -1,12 +1,11 @@
 """The paper's invertible n×n convolution: the shift function S followed by an invertible 1×1 conv."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .conv1x1 import InvertibleConv1x1
 from .shift import InvertibleShift
-from .utils import per_sample
+from .utils import per_sample, pointwise_conv
 
 
 class InvertibleNxNConv(nn.Module):
@@ -40,19 +39,20 @@ class InvertibleNxNConv(nn.Module):
         w = self.conv.weight_matrix()
         return w * self.shift.alpha().unsqueeze(0), w @ self.shift.beta
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer as ``y = A x + c`` per pixel (the folded form)."""
+        return self.folded()
+
+    def inverse_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x = diag(1/α) W⁻¹ y − β/α`` as (A⁻¹, c')."""
+        inv_alpha = 1.0 / self.shift.alpha()
+        return self.conv.inverse_matrix() * inv_alpha.unsqueeze(1), -self.shift.beta * inv_alpha
+
     def logdet(self, height: int, width: int) -> torch.Tensor:
         return self.shift.logdet(height, width) + self.conv.logdet(height, width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weight, bias = self.folded()
-        c = self.channels
-        y = F.conv2d(x, weight.to(x.dtype).view(c, c, 1, 1), bias.to(x.dtype))
-        return y, per_sample(self.logdet(x.shape[2], x.shape[3]), x)
+        return pointwise_conv(x, *self.folded()), per_sample(self.logdet(x.shape[2], x.shape[3]), x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        # x = diag(1/α) (W⁻¹ y) − β/α, folded into one convolution.
-        inv_alpha = 1.0 / self.shift.alpha()
-        weight = self.conv.inverse_matrix() * inv_alpha.unsqueeze(1)
-        bias = -self.shift.beta * inv_alpha
-        c = self.channels
-        return F.conv2d(y, weight.to(y.dtype).view(c, c, 1, 1), bias.to(y.dtype))
+        return pointwise_conv(y, *self.inverse_affine())

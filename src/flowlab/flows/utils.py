@@ -28,6 +28,23 @@ def per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return logdet.expand(x.shape[0])
 
 
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1×1 convolution as one batched matrix product: ``y[b, :, p] = weight @ x[b, :, p] + bias``.
+
+    Measured on the 2-core CPU: oneDNN's 1×1 convolution on NCHW tensors costs about as much as a
+    3×3 one (forward and backward), while the matrix product is several times faster; on GPUs it
+    maps to the same cuBLAS GEMM a 1×1 convolution uses.
+    """
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+    weight = weight.to(x.dtype)
+    if bias is None:
+        y = torch.matmul(weight, flat)
+    else:
+        y = torch.baddbmm(bias.to(x.dtype).view(1, -1, 1).expand(b, -1, h * w), weight.expand(b, -1, -1), flat)
+    return y.view(b, weight.shape[0], h, w)
+
+
 def random_orthogonal(channels: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A random orthogonal [C, C] matrix (QR of a Gaussian), Glow's 1×1 initialisation."""
     q, r = torch.linalg.qr(torch.randn(channels, channels, generator=generator, dtype=torch.float64))
