@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .actnorm import ActNorm
-from .utils import exact, pointwise_conv, sum_except_batch
+from .utils import LOG_SCALE_BOUND, exact, pointwise_conv, sum_except_batch
 
 
 class ZeroConv2d(nn.Module):
@@ -75,14 +75,20 @@ class _Coupling(nn.Module):
 
 
 class AffineCoupling(_Coupling):
-    """Glow's affine coupling: ``y_b = (x_b + t(x_a)) · σ(s(x_a) + 2)``; log-det ``Σ log σ(s + 2)``."""
+    """Glow's affine coupling: ``y_b = (x_b + t(x_a)) · σ(s(x_a) + 2)``; log-det ``Σ log σ(s + 2)``.
+
+    ``log σ(s + 2)`` is clamped at ``−LOG_SCALE_BOUND`` so the scale stays invertible in float32.
+    """
 
     def __init__(self, channels: int, hidden_channels: int):
         super().__init__(channels, hidden_channels, params_per_channel=2)
 
     def _shift_logscale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shift, raw_scale = self.net(x_a).chunk(2, dim=1)
-        return shift, F.logsigmoid(exact(raw_scale) + 2.0)
+        # Bounded below so the scale can never underflow to 0 (which would make the layer
+        # non-invertible and its inverse NaN); the map computed is exactly the one whose log-det
+        # is returned. σ(h + 2) only reaches the bound for h < −9, where its gradient is ~1e-4.
+        return shift, F.logsigmoid(exact(raw_scale) + 2.0).clamp_min(-LOG_SCALE_BOUND)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]
