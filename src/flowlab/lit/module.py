@@ -119,7 +119,8 @@ class FlowModule(pl.LightningModule):
         ema_decay = optim.get("ema_decay")
         self.ema = EMA(self.flow, ema_decay) if ema_decay else None
         self.use_ema = bool(use_ema)
-        self.eval_draws = 1  # dequantisation draws per test image (flowlab-eval sets more)
+        self.eval_draws = 1  # dequantisation draws per test image in one test pass
+        self.eval_draw_offset = 0  # number of the first draw (flowlab-eval runs one pass per draw)
         self.train_bpd = BitsPerDim()
         self.val_bpd = BitsPerDim()
         self.test_bpd = BitsPerDim()
@@ -194,22 +195,23 @@ class FlowModule(pl.LightningModule):
         self.log("train/bpd", self.train_bpd, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch, batch_idx: int, metric: BitsPerDim, draws: int) -> None:
+    def _eval_step(self, batch, batch_idx: int, metric: BitsPerDim, draws: range) -> None:
         x = batch[0]
         if len(batch) >= 3:
             index = batch[2]
         else:  # datasets that do not yield their index: position in the loader (batch-size dependent)
             index = torch.arange(x.shape[0], device=x.device) + batch_idx * x.shape[0]
         flow = self.eval_flow
-        for draw in range(draws):
+        for draw in draws:
             metric.update(flow.bits_per_dim(self.dequantize_eval(x, index, draw)))
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.val_bpd, 1)
+        self._eval_step(batch, batch_idx, self.val_bpd, range(1))
         self.log("val/bpd", self.val_bpd, on_step=False, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.test_bpd, self.eval_draws)
+        self._eval_step(batch, batch_idx, self.test_bpd,
+                        range(self.eval_draw_offset, self.eval_draw_offset + self.eval_draws))
         self.log("test/bpd", self.test_bpd, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):

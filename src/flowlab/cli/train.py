@@ -1,0 +1,148 @@
+"""``flowlab-train``: fit a flow, test the best checkpoint, print the run directory and ``test/bpd=<value>``.
+
+    flowlab-train experiment=quickstart
+    flowlab-train data=cifar10 model/permutation=conv1x1 model.K=16 trainer=gpu run_name=cifar_1x1
+    flowlab-train -m experiment=quickstart 'model/permutation=nxn,conv1x1' seed=0,1,2
+
+The run directory is ``${paths.output_dir}/runs/${run_name}`` (multirun:
+``${paths.output_dir}/multirun/${run_name}/<sweep point>``). It receives the checkpoints, sample
+and reconstruction PNGs, ``metrics.csv``, the W&B offline run and ``results.json``. Starting a
+command again with the ``run_name`` of a run that has ``checkpoints/last.ckpt`` resumes that run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from flowlab.cli._hydra import run_hydra
+
+__all__ = ["main", "train"]
+
+
+def _resume_checkpoint(cfg: DictConfig, out_dir: Path, model_hp: dict) -> Path | None:
+    """The checkpoint to resume from (``ckpt_path``, or this run's last.ckpt when it exists), checked to be
+    a safe flowlab checkpoint of the same model."""
+    from flowlab.errors import CheckpointError
+    from flowlab.lit.checkpoint import CHECKPOINT_DIRNAME, load_checkpoint
+
+    last = out_dir / CHECKPOINT_DIRNAME / "last.ckpt"
+    requested = cfg.get("ckpt_path")
+    if requested is None or str(requested) == "last":
+        if not last.is_file():
+            if requested is not None:
+                print(f"ckpt_path=last: {last} does not exist yet; starting from scratch", flush=True)
+            return None
+        path = last
+    else:
+        path = Path(str(requested)).expanduser()
+        if path.is_dir():
+            path = path / CHECKPOINT_DIRNAME / "last.ckpt" if (path / CHECKPOINT_DIRNAME).is_dir() else path / "last.ckpt"
+    ckpt = load_checkpoint(path, key="ckpt_path")
+    saved = ckpt["hyper_parameters"].get("model", {})
+    diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {model_hp.get(k)!r} in the config"
+            for k in sorted(set(saved) | set(model_hp)) if saved.get(k) != model_hp.get(k)]
+    if diff:
+        raise CheckpointError(f"ckpt_path={path} belongs to another model configuration: " + "; ".join(diff)
+                              + ". Use the same model settings, or a new run_name to start a new run")
+    return path
+
+
+def train(cfg: DictConfig) -> float:
+    """Fit and test; returns the test bits/dim. Also the task function of the Hydra app."""
+    import pytorch_lightning as pl
+
+    from flowlab.cli import _build as build
+    from flowlab.cli.validate import validate_train_config
+    from flowlab.lit.module import FlowModule
+
+    validate_train_config(cfg)
+    out_dir = build.run_dir()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    # Everything a person can get wrong fails here, before a file is written or a step is taken.
+    model_hp = build.container(cfg.model)
+    datamodule = build.instantiate_datamodule(cfg)
+    module = FlowModule(model=model_hp, optim=build.container(cfg.optim), eval_seed=int(cfg.eval.seed),
+                        seed=int(cfg.seed), use_ema=bool(cfg.eval.get("use_ema", True)),
+                        data=build.container(cfg.data))
+    build.check_data_fits_model(datamodule, model_hp, "this config")
+    resume = _resume_checkpoint(cfg, out_dir, model_hp)
+    build.prepare_data(datamodule, ("fit", "test"))
+    callbacks = build.instantiate_callbacks(cfg)
+
+    build.save_run_config(cfg, out_dir)
+    loggers = build.instantiate_loggers(cfg)
+    trainer = build.instantiate_trainer(cfg, callbacks, loggers)
+    if resume is not None and trainer.is_global_zero:
+        print(f"Resuming from {resume}", flush=True)
+    params = module.num_params
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"config": build.container(cfg), "params": params})
+
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval-only
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+        test_ckpt = _checkpoint_to_test(trainer)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True, verbose=False)
+        bpd = float(results[0]["test/bpd"]) if results else math.nan
+        sync_hint = _finish_wandb(trainer, bpd, params)
+    except BaseException:
+        _finish_wandb(trainer, None, None, exit_code=1)
+        raise
+
+    if trainer.is_global_zero:
+        record = {"test/bpd": bpd, "checkpoint": test_ckpt, "global_step": int(trainer.global_step),
+                  "params": params, "run_dir": str(out_dir)}
+        (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        if sync_hint:
+            print(sync_hint, flush=True)
+        print(f"run directory: {out_dir}", flush=True)
+        print(f"test/bpd={bpd:.6f}", flush=True)
+    return bpd
+
+
+def _checkpoint_to_test(trainer) -> str | None:
+    """best.ckpt when validation ran, else the last checkpoint, else None (the weights in memory)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    best = last = None
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            if cb.monitor not in (None, "step") and cb.best_model_path and Path(cb.best_model_path).is_file():
+                best = best or cb.best_model_path
+            if cb.last_model_path and Path(cb.last_model_path).is_file():
+                last = last or cb.last_model_path
+    return best or last
+
+
+def _finish_wandb(trainer, bpd, params, exit_code: int = 0) -> str | None:
+    """Close this job's W&B run (a multirun makes one run per job) and say how to upload an offline run."""
+    hint = None
+    for logger in getattr(trainer, "loggers", []):
+        if type(logger).__name__ != "WandbLogger" or getattr(logger, "_experiment", None) is None:
+            continue
+        run = logger.experiment
+        try:
+            if bpd is not None:
+                run.summary["test/bpd"] = bpd
+                run.summary["params"] = params
+            offline = getattr(getattr(run, "settings", None), "mode", "") in ("offline", "dryrun") or \
+                getattr(run, "offline", False)
+            if offline and getattr(run, "dir", None):
+                hint = f"W&B offline run: upload it with `wandb sync {Path(run.dir).parent}`"
+        finally:
+            run.finish(exit_code=exit_code)
+    return hint
+
+
+def main() -> None:
+    run_hydra(train, "train")
+
+
+if __name__ == "__main__":
+    main()
