@@ -76,7 +76,7 @@ def _check_data(cfg: DictConfig) -> None:
 
 
 def _check_model(cfg: DictConfig) -> None:
-    from flowlab.flows import COUPLINGS, PERMUTATIONS, check_image_size
+    from flowlab.flows import COUPLINGS, PERMUTATIONS
     from flowlab.lit.module import ALLOWED_MODEL_PACKAGES
 
     model = _get(cfg, "model", None)
@@ -102,9 +102,24 @@ def _check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"model.coupling={model['coupling']!r} is unknown; allowed: {', '.join(COUPLINGS)}")
     if "n_bits" in model:
         check_n_bits(model["n_bits"], key="model.n_bits")
-    size = model.get("image_size")
-    if "L" in model and size is not None:
-        check_image_size(size, model["L"])
+    _dry_build(model)
+
+
+def _dry_build(model: dict) -> None:
+    """Build the model on the meta device (no memory, no arithmetic): the flow class checks its own arguments
+    (e.g. an image size not divisible by 2^L) with its own message, for any flow class."""
+    import torch
+
+    from flowlab.errors import UserError
+    from flowlab.lit.module import build_flow
+
+    try:
+        with torch.device("meta"):
+            build_flow(model)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a layer that cannot be built on meta: the real build checks it later
+        pass
 
 
 def _check_optim(cfg: DictConfig) -> None:

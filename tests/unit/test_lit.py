@@ -1,0 +1,227 @@
+"""Unit tests of flowlab.lit: the bits/dim metric, evaluation noise, EMA, the LightningModule's
+training mechanics (ActNorm init, warm-up, clipping), and safe checkpoint loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from flowlab.errors import CheckpointError, ConfigError
+from flowlab.flows import ActNorm
+from flowlab.lit import EMA, BitsPerDim, FlowModule, build_flow, eval_uniform, load_checkpoint, module_from_checkpoint
+
+TINY = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 2,
+        "hidden_channels": 8, "permutation": "nxn", "n_bits": 8}
+OPTIM = {"optimizer": "adam", "lr": 1e-3, "warmup_steps": 0, "grad_clip": 50.0, "ema_decay": None}
+
+
+def _images(n: int, seed: int = 0, size: int = 8) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _trainer(**kw) -> pl.Trainer:
+    args = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                accelerator="cpu", devices=1, num_sanity_val_steps=0)
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+# ---- metric ------------------------------------------------------------------------------------------------
+def test_bits_per_dim_is_the_exact_mean_over_unequal_batches():
+    values = torch.rand(23, dtype=torch.float64) * 5
+    m = BitsPerDim()
+    for chunk in (values[:1], values[1:8], values[8:]):
+        m.update(chunk.float())
+    assert m.compute().item() == pytest.approx(values.float().double().mean().item(), abs=1e-12)
+    assert m.count.item() == 23
+    m.reset()
+    assert torch.isnan(m.compute())
+
+
+# ---- evaluation noise -------------------------------------------------------------------------------------------
+def test_eval_noise_depends_only_on_seed_index_and_draw():
+    idx = torch.tensor([5, 17, 2, 1000003, 42])
+    u = eval_uniform(idx, (5, 3, 4, 4), seed=7, draw=0)
+    assert u.shape == (5, 3, 4, 4) and u.dtype == torch.float32
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    assert torch.equal(eval_uniform(idx[perm], (5, 3, 4, 4), seed=7, draw=0), u[perm])  # batch order irrelevant
+    assert torch.equal(eval_uniform(idx[:2], (2, 3, 4, 4), seed=7, draw=0), u[:2])  # batch size irrelevant
+    assert not torch.equal(eval_uniform(idx, (5, 3, 4, 4), seed=7, draw=1), u)
+    assert not torch.equal(eval_uniform(idx, (5, 3, 4, 4), seed=8, draw=0), u)
+    assert not torch.equal(u[0], u[1])
+
+
+def test_eval_noise_is_uniform():
+    u = eval_uniform(torch.arange(2000), (2000, 64), seed=0).flatten()
+    assert abs(u.mean().item() - 0.5) < 0.005
+    assert abs(u.var().item() - 1 / 12) < 0.002
+    hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert torch.allclose(hist, torch.full_like(hist, 0.1), atol=0.005)
+
+
+# ---- EMA ---------------------------------------------------------------------------------------------------------
+def test_ema_reset_and_update():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), ActNorm(3))
+    ema = EMA(net, decay=0.9)
+    ema.reset(net)
+    before = [p.clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    net[1].initialized.fill_(True)
+    ema.update(net)  # first update: effective decay min(0.9, 1/10) = 0.1
+    for b, p_ema, p in zip(before, ema.module.parameters(), net.parameters()):
+        assert torch.allclose(p_ema, 0.1 * b + 0.9 * p)
+    assert bool(ema.module[1].initialized)  # buffers are copied, not averaged
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(ValueError):
+        EMA(net, decay=1.0)
+
+
+# ---- the module ------------------------------------------------------------------------------------------------
+def test_actnorm_is_initialised_from_the_first_training_batch_before_the_first_step(monkeypatch):
+    x = _images(16)
+    train = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8)
+    val = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long), torch.arange(16)), batch_size=8)
+    module = FlowModule(TINY, dict(OPTIM, lr=0.0))  # lr 0: the step leaves the initialisation as it was
+    first = next(m for m in module.flow.modules() if isinstance(m, ActNorm))
+    calls = []
+    original = ActNorm.initialize
+
+    def spy(self, inp):
+        if self is first:
+            t = module.trainer
+            calls.append((t.sanity_checking, t.training, t.global_step, inp.detach().clone()))
+        return original(self, inp)
+
+    monkeypatch.setattr(ActNorm, "initialize", spy)
+    # sanity-check validation batches run first, in eval mode: they must not initialise anything
+    _trainer(max_steps=1, num_sanity_val_steps=1, val_check_interval=1, check_val_every_n_epoch=None).fit(
+        module, train, val)
+    assert len(calls) == 1
+    sanity, training, step, init_input = calls[0]
+    assert not sanity and training and step == 0
+    mean = init_input.double().mean(dim=(0, 2, 3))
+    assert torch.allclose(first.bias.detach().double().flatten(), -mean, atol=1e-5)
+    assert all(bool(m.initialized) for m in module.flow.modules() if isinstance(m, ActNorm))
+
+
+def test_training_lowers_bits_per_dim_with_warmup_clipping_and_ema():
+    x = (_images(32) // 64) * 64  # a simple distribution: 4 grey levels
+    dl = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=16, shuffle=True)
+    test = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long), torch.arange(32)), batch_size=16)
+    module = FlowModule(TINY, dict(OPTIM, lr=5e-3, warmup_steps=5, grad_clip=1.0, ema_decay=0.9))
+    before = _trainer().test(module, test, verbose=False)[0]["test/bpd"]
+    trainer = _trainer(max_steps=40)
+    trainer.fit(module, dl)
+    after = trainer.test(module, test, verbose=False)[0]["test/bpd"]
+    assert after < before - 0.5
+    assert module.ema is not None and module.ema.num_updates.item() == 40
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(5e-3)
+    for p_ema, p in zip(module.ema.module.parameters(), module.flow.parameters()):
+        assert not torch.equal(p_ema, p)  # evaluation used the average, not the last weights
+
+
+def test_test_bpd_does_not_depend_on_batch_size():
+    x = _images(13, seed=3)
+    module = FlowModule(TINY, OPTIM)
+    module.flow.initialize(module.dequantize_train(x))
+    values = []
+    for bs in (13, 4, 1):
+        ds = TensorDataset(x, torch.zeros(13, dtype=torch.long), torch.arange(13))
+        values.append(_trainer().test(module, DataLoader(ds, batch_size=bs), verbose=False)[0]["test/bpd"])
+    assert values[0] == pytest.approx(values[1], abs=1e-6) and values[0] == pytest.approx(values[2], abs=1e-6)
+
+
+def test_unknown_optimizer_is_a_config_error():
+    module = FlowModule(TINY, dict(OPTIM, optimizer="sgd"))
+    with pytest.raises(ConfigError, match="optim.optimizer"):
+        module.configure_optimizers()
+
+
+# ---- building models: checkpoints are data, not code -------------------------------------------------------------
+@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "torch.nn.Linear", "flowlab.flows.nope"])
+def test_build_flow_refuses_anything_but_flow_classes(target):
+    with pytest.raises(ConfigError, match="_target_"):
+        build_flow({"_target_": target, "in_channels": 1})
+
+
+def test_build_flow_refuses_nested_directives():
+    with pytest.raises(ConfigError):
+        build_flow(dict(TINY, permutation={"_target_": "os.system", "command": "true"}))
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    x = _images(16)
+    dl = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8)
+    module = FlowModule(TINY, dict(OPTIM, ema_decay=0.99), data={"name": "tiny"})
+    trainer = _trainer(max_steps=2)
+    trainer.fit(module, dl)
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path, module
+
+
+def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(saved_checkpoint):
+    path, module = saved_checkpoint
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # no code, no custom classes
+    hp = raw["hyper_parameters"]
+    assert hp["model"] == TINY and hp["optim"]["ema_decay"] == 0.99 and hp["data"] == {"name": "tiny"}
+    rebuilt, ckpt, p = module_from_checkpoint(path)
+    assert p == path and ckpt["global_step"] == 2
+    for (k, a), b in zip(module.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), k
+    rebuilt.flow.eval()
+    z = [torch.zeros(2, *s) for s in rebuilt.flow.latent_shapes]
+    assert torch.isfinite(rebuilt.flow.decode(z)).all()
+
+
+def test_checkpoint_from_a_run_directory(saved_checkpoint, tmp_path):
+    path, _ = saved_checkpoint
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(path.read_bytes())
+    _, _, p = module_from_checkpoint(tmp_path)
+    assert p == tmp_path / "checkpoints" / "last.ckpt"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": TINY}, "x": _Payload(str(marker))}, evil)
+    with pytest.raises(CheckpointError, match="unsafe"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_foreign_missing_and_corrupt_checkpoints(tmp_path, saved_checkpoint):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not a flowlab checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(saved_checkpoint[0].read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated|corrupt"):
+        load_checkpoint(cut)
