@@ -78,6 +78,19 @@ class MultiScaleFlow(nn.Module):
         self.latent_shapes.append(shape)
         self.top_prior = TopPrior(shape[0], learn=learn_top)
 
+    def set_coupling_dtype(self, dtype: torch.dtype | None) -> "MultiScaleFlow":
+        """Run every coupling network in ``dtype`` under autocast (None: the model's own dtype).
+
+        The mixed-precision fast path: the coupling networks hold nearly all FLOPs; the flow's
+        stream, log-dets, priors and weight algebra stay in float32/float64.
+        """
+        from .coupling import CouplingNet
+
+        for module in self.modules():
+            if isinstance(module, CouplingNet):
+                module.compute_dtype = dtype
+        return self
+
     @property
     def dims(self) -> int:
         """D = C·H·W, the number of dimensions bits/dim divides by."""

@@ -37,10 +37,16 @@ class CouplingNet(nn.Module):
     the hidden activations, the largest tensors of the model, see one fused operation instead of
     three; the 1×1 convolution runs as a matrix product. The ActNorms keep their own parameters
     and data-dependent initialisation (on the first training batch).
+
+    ``compute_dtype`` (None, or e.g. ``torch.bfloat16``) runs the network under autocast in that
+    dtype; its output is returned in float32, so the flow's own arithmetic (coupling maps,
+    log-dets, priors) never leaves float32. Set it for a whole model with
+    :meth:`flowlab.flows.MultiScaleFlow.set_coupling_dtype`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int):
         super().__init__()
+        self.compute_dtype: torch.dtype | None = None
         self.conv1 = nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False)
         self.norm1 = ActNorm(hidden_channels)
         self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 1, bias=False)
@@ -50,6 +56,12 @@ class CouplingNet(nn.Module):
         nn.init.normal_(self.conv2.weight, std=0.05)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype is None or self.compute_dtype == x.dtype:
+            return self._forward(x)
+        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            return self._forward(x).to(x.dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         w1 = self.conv1.weight.to(x.dtype)
         if self.training and not self.norm1._initialized:
             self.norm1.initialize(F.conv2d(x, w1, padding=1))
