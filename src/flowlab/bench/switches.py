@@ -1,0 +1,136 @@
+"""The fast-path switches the benchmark can turn on, and the plain float32 settings they are compared with.
+
+``amp``            torch.autocast dtype for the model's forward ("off", "bf16", "fp16"); the model
+                   decides what stays in float32 (log-dets, the prior, weight-matrix algebra).
+``compile``        torch.compile the training loss, the evaluation and the sampling functions.
+``channels_last``  model and inputs in channels-last memory format.
+``tf32``           TF32 tensor cores for float32 matmuls and convolutions (CUDA only; the anchor
+                   numbers of the design notes were measured with TF32 on).
+``fused_adam``     ``torch.optim.Adam(..., fused=True)`` (CUDA only).
+``glow_kwargs``    extra keyword arguments for ``flowlab.flows.Glow`` (``--glow-kw key=value``), so
+                   whatever fast-path switches flowlab's Glow grows are reachable without
+                   changing the benchmark.
+
+The reference Glow always runs with plain settings (float32 eager, TF32 as given) unless
+``--reference-fast`` asks for the anchor rows of the design notes.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from flowlab.errors import ConfigError
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on or off (no effect without CUDA).
+
+    Uses the long-standing API on purpose: on torch >= 2.9, setting the newer per-backend
+    ``fp32_precision`` makes ``torch.get_float32_matmul_precision()`` raise, and Inductor calls it.
+    """
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def parse_glow_kwargs(items: list[str] | None) -> dict:
+    """``["precision=bf16", "fused=True"]`` -> ``{"precision": "bf16", "fused": True}``."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--glow-kw {item!r}: expected KEY=VALUE with KEY a Python identifier")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare string such as bf16
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Switches:
+    amp: str = "off"
+    compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
+    tf32: bool = True
+    fused_adam: bool = False
+    glow_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.amp not in AMP_DTYPES:
+            raise ConfigError(f"--amp {self.amp!r} is not allowed; choose one of {', '.join(AMP_DTYPES)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"--compile-mode {self.compile_mode!r} is not allowed; choose one of "
+                              f"{', '.join(COMPILE_MODES)}")
+
+    @classmethod
+    def plain(cls, tf32: bool = True) -> "Switches":
+        """Float32 eager, as the public implementations run (TF32 as given)."""
+        return cls(tf32=tf32)
+
+    def for_reference(self) -> "Switches":
+        """The same switches minus the ones only flowlab's Glow understands."""
+        return replace(self, glow_kwargs={})
+
+    @property
+    def is_plain(self) -> bool:
+        return (self.amp == "off" and not self.compile and not self.channels_last and not self.fused_adam
+                and not self.glow_kwargs)
+
+    def label(self) -> str:
+        parts = [] if self.amp == "off" else [self.amp]
+        if self.compile:
+            parts.append("compile" + ("" if self.compile_mode == "default" else f"({self.compile_mode})"))
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.fused_adam:
+            parts.append("fused_adam")
+        parts += [f"{k}={v}" for k, v in self.glow_kwargs.items()]
+        return "+".join(parts) or "fp32 eager"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # --- applying the switches ---------------------------------------------------------------
+    def autocast(self, device: torch.device):
+        dtype = AMP_DTYPES[self.amp]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def activate(self, device: torch.device) -> None:
+        """Global settings (TF32) for the next measurement."""
+        if device.type == "cuda":
+            set_tf32(self.tf32)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def wrap(self, fn: Callable, device: torch.device) -> Callable:
+        """``fn`` run under autocast, compiled when asked."""
+        def run(*args, **kwargs):
+            with self.autocast(device):
+                return fn(*args, **kwargs)
+        run.__name__ = getattr(fn, "__name__", "fn")
+        if self.compile:
+            return torch.compile(run, mode=self.compile_mode)
+        return run
+
+    def optimizer(self, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+        if self.fused_adam and device.type == "cuda":
+            return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr)
