@@ -187,6 +187,24 @@ def test_load_npz(tmp_path):
         load_npz(tmp_path / "missing.npz", 3, 8)
 
 
+def test_amp_switch_maps_onto_the_models_own_switch():
+    """--amp uses flowlab's set_coupling_dtype where the model has it, torch.autocast elsewhere."""
+    from flowlab.bench.switches import Switches
+
+    glow = _flowlab_lu_glow(in_channels=3, image_size=8, K=1, L=1, hidden_channels=8)
+    ref = ReferenceGlow(in_channels=3, image_size=8, K=1, L=1, hidden_channels=8)
+    sw = Switches(amp="bf16")
+    if not callable(getattr(glow, "set_coupling_dtype", None)):
+        pytest.skip("flowlab's Glow has no set_coupling_dtype")
+    sw.prepare_model(glow)
+    nets = [m for m in glow.modules() if hasattr(m, "compute_dtype")]
+    assert nets and all(m.compute_dtype == torch.bfloat16 for m in nets)
+    assert isinstance(sw.autocast(torch.device("cpu"), glow), type(Switches().autocast(torch.device("cpu"))))
+    assert isinstance(sw.autocast(torch.device("cpu"), ref), torch.autocast)
+    assert sw.amp_applied(glow) == "bf16 via set_coupling_dtype" and sw.amp_applied(ref) == "bf16 via torch.autocast"
+    assert isinstance(Switches(amp="bf16", amp_scope="autocast").autocast(torch.device("cpu"), glow), torch.autocast)
+
+
 def test_stats():
     s = Stats.of([4.0, 1.0, 3.0, 2.0])
     assert (s.median, s.min, s.max, s.n) == (2.5, 1.0, 4.0, 4)

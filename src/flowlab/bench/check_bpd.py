@@ -33,13 +33,21 @@ from .presets import Preset
 from .switches import Switches, set_tf32
 
 
+def _float32_couplings(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
+    """Turn off reduced-precision coupling networks (flowlab's ``compute_dtype``); returns what to restore."""
+    saved = [(m, m.compute_dtype) for m in model.modules() if hasattr(m, "compute_dtype")]
+    for module, _ in saved:
+        module.compute_dtype = None
+    return saved
+
+
 class _Run:
     def __init__(self, label: str, model: torch.nn.Module, switches: Switches, device: torch.device, lr: float,
                  warmup_steps: int):
         self.label, self.model, self.switches, self.device = label, model, switches, device
         self.lr, self.warmup_steps = lr, warmup_steps
         self.opt = switches.optimizer(model.parameters(), lr, device)
-        self.loss_fn = switches.wrap(lambda x: model.bits_per_dim(x).mean(), device)
+        self.loss_fn = switches.wrap(lambda x: model.bits_per_dim(x).mean(), device, model)
         self.step = 0
         self.seconds = 0.0
         self.curve: list[dict] = []
@@ -69,23 +77,27 @@ class _Run:
     def evaluate(self, stream: DataStream, batch: int, fast: bool = False) -> float:
         """Mean bits/dim on the held-out images; strict float32 unless ``fast`` (the run's own switches)."""
         self.model.eval()
+        saved = []
         if fast:
             self.switches.activate(self.device)
-            fn = self.switches.wrap(lambda x: self.model.bits_per_dim(x), self.device)
+            fn = self.switches.wrap(lambda x: self.model.bits_per_dim(x), self.device, self.model)
         else:
             set_tf32(False)
             fn = self.model.bits_per_dim
+            saved = _float32_couplings(self.model)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         for x in stream.eval_batches(batch):
             x = self.switches.prepare_input(x) if fast else x
             total += fn(x).double().sum()
             count += x.shape[0]
+        for module, dtype in saved:
+            module.compute_dtype = dtype
         self.model.train()
         return float(total.item()) / count
 
     def summary(self, batch: int) -> dict:
-        return {"switches": self.switches.label(), "steps": self.step, "train_seconds": self.seconds,
+        return {"switches": self.switches.label(), "amp_applied": self.switches.amp_applied(self.model), "steps": self.step, "train_seconds": self.seconds,
                 "train_images_per_s": self.step * batch / self.seconds if self.seconds else None,
                 "curve": self.curve}
 
@@ -123,6 +135,7 @@ def check_bpd(preset: Preset, device: torch.device, switches: Switches, steps: i
     except RuntimeError as e:
         raise ConfigError(f"--glow-kw {switches.glow_kwargs} changes the model's parameters, so the fast and the "
                           f"reference run cannot start from the same weights: {e}") from None
+    _float32_couplings(ref_model)  # the reference run is float32 whatever the model's defaults
     fast_model = switches.prepare_model(fast_model)
     ref_switches = Switches.plain(tf32=False)
     runs = [_Run("fast", fast_model, switches, device, lr, warmup_steps),

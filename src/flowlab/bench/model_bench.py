@@ -34,7 +34,7 @@ def reconstruction_error(model: torch.nn.Module, x: torch.Tensor, switches: Swit
     """``max |decode(encode(x)) - x|`` in eval mode, under the run's switches (not compiled)."""
     was_training = model.training
     model.eval()
-    with torch.no_grad(), switches.autocast(device):
+    with torch.no_grad(), switches.autocast(device, model):
         zs, _ = model.encode(x)
         recon = model.decode(zs)
     model.train(was_training)
@@ -48,7 +48,8 @@ def bench_model(name: str, preset: Preset, device: torch.device, switches: Switc
     switches.activate(device)
     model = build_model(name, preset, switches.glow_kwargs).to(device)
     model = switches.prepare_model(model)
-    result: dict = {"model": name, "switches": switches.label(), "params": count_parameters(model)}
+    result: dict = {"model": name, "switches": switches.label(), "amp_applied": switches.amp_applied(model),
+                    "params": count_parameters(model)}
 
     batches = [switches.prepare_input(x) for x in benchmark_batches(
         4, preset.batch, preset.in_channels, preset.image_size, preset.n_bits, device, seed=seed)]
@@ -60,13 +61,13 @@ def bench_model(name: str, preset: Preset, device: torch.device, switches: Switc
         return model.bits_per_dim(x).mean()
 
     if count_flops:
-        with switches.autocast(device):
+        with switches.autocast(device, model):
             flops = training_flops(eager_loss, model, batches[0])
         result["flops_per_image"] = flops / preset.batch
 
     # -- training ------------------------------------------------------------------------
     opt = switches.optimizer(model.parameters(), lr, device)
-    loss_fn = switches.wrap(eager_loss, device)
+    loss_fn = switches.wrap(eager_loss, device, model)
     state = {"i": 0, "loss": None}
 
     def train_step():
@@ -96,8 +97,8 @@ def bench_model(name: str, preset: Preset, device: torch.device, switches: Switc
 
     # -- evaluation and sampling ---------------------------------------------------------
     model.eval()
-    eval_fn = switches.wrap(lambda x: model.bits_per_dim(x), device)
-    sample_fn = switches.wrap(lambda n: model.sample(n), device)
+    eval_fn = switches.wrap(lambda x: model.bits_per_dim(x), device, model)
+    sample_fn = switches.wrap(lambda n: model.sample(n), device, model)
     last = {}
     with torch.no_grad():
         def evaluate():

@@ -30,7 +30,7 @@ def profile_training(name: str, preset: Preset, device: torch.device, switches: 
     initialize_actnorm(model, batches[0])
     model.train()
     opt = switches.optimizer(model.parameters(), lr, device)
-    loss_fn = switches.wrap(lambda x: model.bits_per_dim(x).mean(), device)
+    loss_fn = switches.wrap(lambda x: model.bits_per_dim(x).mean(), device, model)
 
     def step(i):
         opt.zero_grad(set_to_none=True)

@@ -54,6 +54,9 @@ def markdown(result: dict) -> str:
         f"evaluation/sampling {p['eval_repeats']} calls; median and interquartile range over repetitions",
         f"- switches: flowlab {result['switches']['flowlab']}; reference {result['switches']['reference']}",
     ]
+    applied = sorted({m.get("amp_applied", "off") for m in result["models"]} - {"off"})
+    if applied:
+        lines.append(f"- reduced precision applied: {'; '.join(applied)}")
     if not result.get("complete", True):
         lines.append("- **incomplete: the run was cut short; the models below finished**")
     load = env.get("load_average_1m")
@@ -114,14 +117,14 @@ def markdown_check(result: dict) -> str:
              f"- model {result['model']}, batch {result['batch']}, Adam lr {result['lr']:g} "
              f"(linear warm-up {result['warmup_steps']} steps), data {result['data']['kind']} "
              f"({result['data']['train_images']} train / {result['data']['eval_images']} held-out images)",
-             f"- fast: {result['fast']['switches']}; reference: {result['reference']['switches']} (TF32 off)",
+             f"- fast: {result['fast']['switches']} ({result['fast'].get('amp_applied', 'off')}); reference: {result['reference']['switches']} (TF32 off)",
              "", "| step | fast bits/dim | reference bits/dim | difference |", "|---|---|---|---|"]
     for pt in result["points"]:
         lines.append(f"| {pt['step']} | {pt['fast']:.4f} | {pt['reference']:.4f} | {pt['difference']:+.4f} |")
     speed = result.get("speedup_fast_over_reference")
     lines += ["", f"Steps done: {result['steps_done']} of {result['steps_requested']}"
               + ("" if result["complete"] else " (stopped early: time budget)")
-              + (f"; fast path trained {speed:.2f}× faster than the reference run" if speed else "") + ".",
+              + (f"; training speed of the fast run: {speed:.2f}× the float32 run's" if speed else "") + ".",
               f"**Check {'PASSED' if result['passed'] else 'FAILED'}**: |difference| "
               f"{'≤' if result['passed'] else 'vs'} tolerance {result['tolerance']:g} bits/dim."]
     return "\n".join(lines) + "\n"

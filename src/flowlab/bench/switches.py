@@ -1,12 +1,15 @@
 """The fast-path switches the benchmark can turn on, and the plain float32 settings they are compared with.
 
-``amp``            torch.autocast dtype for the model's forward ("off", "bf16", "fp16"); the model
-                   decides what stays in float32 (log-dets, the prior, weight-matrix algebra).
+``amp``            reduced-precision compute dtype ("off", "bf16", "fp16"). ``amp_scope="model"``
+                   (default) uses the model's own switch where it has one (flowlab's
+                   ``set_coupling_dtype``: coupling networks in that dtype, the flow stream,
+                   log-dets, priors and weight algebra in float32) and otherwise autocasts the
+                   whole call; ``amp_scope="autocast"`` always autocasts the whole call.
 ``compile``        torch.compile the training loss, the evaluation and the sampling functions.
 ``channels_last``  model and inputs in channels-last memory format.
 ``tf32``           TF32 tensor cores for float32 matmuls and convolutions (CUDA only; the anchor
                    numbers of the design notes were measured with TF32 on).
-``fused_adam``     ``torch.optim.Adam(..., fused=True)`` (CUDA only).
+``fused_adam``     ``torch.optim.Adam(..., fused=True)`` (CUDA, and CPU on torch >= 2.4).
 ``glow_kwargs``    extra keyword arguments for ``flowlab.flows.Glow`` (``--glow-kw key=value``), so
                    whatever fast-path switches flowlab's Glow grows are reachable without
                    changing the benchmark.
@@ -27,6 +30,7 @@ import torch
 from flowlab.errors import ConfigError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_SCOPES = ("model", "autocast")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -58,6 +62,7 @@ def parse_glow_kwargs(items: list[str] | None) -> dict:
 @dataclass(frozen=True)
 class Switches:
     amp: str = "off"
+    amp_scope: str = "model"
     compile: bool = False
     compile_mode: str = "default"
     channels_last: bool = False
@@ -68,6 +73,8 @@ class Switches:
     def __post_init__(self):
         if self.amp not in AMP_DTYPES:
             raise ConfigError(f"--amp {self.amp!r} is not allowed; choose one of {', '.join(AMP_DTYPES)}")
+        if self.amp_scope not in AMP_SCOPES:
+            raise ConfigError(f"--amp-scope {self.amp_scope!r} is not allowed; choose one of {', '.join(AMP_SCOPES)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"--compile-mode {self.compile_mode!r} is not allowed; choose one of "
                               f"{', '.join(COMPILE_MODES)}")
@@ -87,7 +94,7 @@ class Switches:
                 and not self.glow_kwargs)
 
     def label(self) -> str:
-        parts = [] if self.amp == "off" else [self.amp]
+        parts = [] if self.amp == "off" else [self.amp + ("" if self.amp_scope == "model" else "(autocast)")]
         if self.compile:
             parts.append("compile" + ("" if self.compile_mode == "default" else f"({self.compile_mode})"))
         if self.channels_last:
@@ -101,9 +108,20 @@ class Switches:
         return asdict(self)
 
     # --- applying the switches ---------------------------------------------------------------
-    def autocast(self, device: torch.device):
+    def native_amp(self, model: torch.nn.Module | None) -> bool:
+        """Whether ``amp`` is applied through the model's own switch (``set_coupling_dtype``)."""
+        return (self.amp != "off" and self.amp_scope == "model" and model is not None
+                and callable(getattr(model, "set_coupling_dtype", None)))
+
+    def amp_applied(self, model: torch.nn.Module | None) -> str:
+        if self.amp == "off":
+            return "off"
+        return f"{self.amp} via set_coupling_dtype" if self.native_amp(model) else f"{self.amp} via torch.autocast"
+
+    def autocast(self, device: torch.device, model: torch.nn.Module | None = None):
+        """torch.autocast for ``amp``, unless the model applies it itself (see :meth:`native_amp`)."""
         dtype = AMP_DTYPES[self.amp]
-        if dtype is None:
+        if dtype is None or self.native_amp(model):
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -115,15 +133,17 @@ class Switches:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.native_amp(model):
+            model.set_coupling_dtype(AMP_DTYPES[self.amp])
         return model
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
-    def wrap(self, fn: Callable, device: torch.device) -> Callable:
-        """``fn`` run under autocast, compiled when asked."""
+    def wrap(self, fn: Callable, device: torch.device, model: torch.nn.Module | None = None) -> Callable:
+        """``fn`` (a call of ``model``) run under autocast where needed, compiled when asked."""
         def run(*args, **kwargs):
-            with self.autocast(device):
+            with self.autocast(device, model):
                 return fn(*args, **kwargs)
         run.__name__ = getattr(fn, "__name__", "fn")
         if self.compile:
@@ -131,6 +151,10 @@ class Switches:
         return run
 
     def optimizer(self, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
-        if self.fused_adam and device.type == "cuda":
-            return torch.optim.Adam(params, lr=lr, fused=True)
+        if self.fused_adam:
+            try:
+                return torch.optim.Adam(params, lr=lr, fused=True)
+            except RuntimeError as e:
+                raise ConfigError(f"--fused-adam: this torch cannot fuse Adam on {device.type} ({e}); "
+                                  f"leave --fused-adam out") from None
         return torch.optim.Adam(params, lr=lr)

@@ -52,12 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=list(DTYPE_TO_AMP), default="float32",
                    help="compute dtype of the forward pass via torch.autocast (float32 = no autocast)")
     s.add_argument("--amp", action="store_true", help="shorthand for --dtype bfloat16")
+    s.add_argument("--amp-scope", choices=["model", "autocast"], default="model",
+                   help="model: the model's own switch where it has one (flowlab's set_coupling_dtype: coupling "
+                        "networks in --dtype, the flow in float32), else autocast; autocast: the whole call")
     s.add_argument("--compile", action="store_true", help="torch.compile the training / evaluation / sampling calls")
     s.add_argument("--compile-mode", default="default",
                    help="torch.compile mode (default, reduce-overhead = CUDA graphs, max-autotune, ...)")
     s.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     s.add_argument("--no-tf32", action="store_true", help="IEEE float32 matmuls/convolutions on CUDA (TF32 is on by default)")
-    s.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True) on CUDA")
+    s.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True)")
     s.add_argument("--glow-kw", action="append", metavar="KEY=VALUE",
                    help="extra keyword argument for flowlab.flows.Glow (repeatable), e.g. a fast-path switch")
     s.add_argument("--reference-fast", action="store_true",
@@ -96,7 +99,7 @@ def _switches(args):
     amp = "bf16" if args.amp else DTYPE_TO_AMP[args.dtype]
     if args.amp and args.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--amp (bfloat16) contradicts --dtype {args.dtype}; give one of them")
-    return Switches(amp=amp, compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last,
+    return Switches(amp=amp, amp_scope=args.amp_scope, compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last,
                     tf32=not args.no_tf32, fused_adam=args.fused_adam, glow_kwargs=parse_glow_kwargs(args.glow_kw))
 
 
