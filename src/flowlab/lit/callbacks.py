@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from flowlab.errors import ConfigError
 from flowlab.lit.images import image_grid, log_grid, pair_grid, reconstruct, sample_images, save_grid, temperature_tag
 
-__all__ = ["StepCheckpoint", "SampleGrid", "ReconstructionGrid", "check_temperatures"]
+__all__ = ["StepCheckpoint", "SampleGrid", "ReconstructionGrid", "Throughput", "check_temperatures"]
 
 
 def check_temperatures(temperatures, key: str) -> list[float]:
@@ -157,3 +157,54 @@ class ReconstructionGrid(_EveryNSteps):
         log_grid(trainer.loggers, "reconstructions", [grid], ["inputs | reconstructions"], step)
         for logger in trainer.loggers:
             logger.log_metrics({"val/recon_error": err}, step=step)
+
+
+class Throughput(Callback):
+    """Speed, measured where it happens: ``train/images_per_s`` (images per second of training steps,
+    forward + backward + optimiser, averaged over the last ``window`` steps; the ActNorm-initialising
+    first step is left out) and, once at the end of training, ``sample/images_per_s`` (``n_samples``
+    drawn at temperature 1 by the evaluation weights, after one warm-up draw).
+    """
+
+    def __init__(self, window: int = 50, n_samples: int = 64):
+        self.window = _positive_int(window, "callbacks.throughput.window")
+        self.n_samples = _positive_int(n_samples, "callbacks.throughput.n_samples")
+        self._t0: float | None = None
+        self._times: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        if self._t0 is None:
+            return
+        elapsed = time.perf_counter() - self._t0
+        self._t0 = None
+        if trainer.global_step <= 1:  # the first step also initialises ActNorm
+            return
+        self._times.append((int(batch[0].shape[0]) * int(trainer.world_size), elapsed))
+        self._times = self._times[-self.window:]
+        n, t = sum(b for b, _ in self._times), sum(s for _, s in self._times)
+        if t > 0:
+            pl_module.log("train/images_per_s", n / t, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import time
+
+        if not trainer.is_global_zero or trainer.global_step == 0:
+            return
+        flow = pl_module.eval_flow
+        sample_images(flow, min(4, self.n_samples), 1.0, seed=0)  # warm-up
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        t = time.perf_counter()
+        sample_images(flow, self.n_samples, 1.0, seed=1)
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        rate = self.n_samples / max(time.perf_counter() - t, 1e-9)
+        for logger in trainer.loggers:
+            logger.log_metrics({"sample/images_per_s": rate}, step=trainer.global_step)
