@@ -134,6 +134,9 @@ def _check_optim(cfg: DictConfig) -> None:
     _number(_get(cfg, "optim.grad_clip", None), "optim.grad_clip", 0.0, low_open=True, allow_none=True)
     _number(_get(cfg, "optim.ema_decay", None), "optim.ema_decay", 0.0, 1.0, low_open=True, high_open=True,
             allow_none=True)
+    from flowlab.lit.monitors import check_max_consecutive_skips
+
+    check_max_consecutive_skips(_get(cfg, "optim.max_consecutive_skips", None))
     betas = _get(cfg, "optim.betas", None)
     if betas is not None:
         if not isinstance(betas, list) or len(betas) != 2:
@@ -158,6 +161,10 @@ def _check_callbacks(cfg: DictConfig) -> None:
         else None
     if every is not None:
         _int(every, "callbacks.checkpoint.every_n_train_steps", 1)
+    if _present(cfg, "callbacks.invertibility"):
+        from flowlab.lit.monitors import check_monitor_config
+
+        check_monitor_config(_get(cfg, "callbacks.invertibility"), "callbacks.invertibility")
 
 
 def _check_seed(cfg: DictConfig) -> None:

@@ -100,7 +100,13 @@ class FlowModule(pl.LightningModule):
     Args:
         model: the flow's config (``_target_`` + constructor arguments), a plain dict.
         optim: ``optimizer`` (adam | adamax), ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``
-            (linear warm-up), ``grad_clip`` (max global gradient norm or None), ``ema_decay`` (None: off).
+            (linear warm-up), ``grad_clip`` (max global gradient norm or None), ``ema_decay`` (None: off),
+            ``max_consecutive_skips`` (stop after this many non-finite steps in a row; None/absent: never).
+
+    A step whose loss or gradient norm is not finite is skipped (gradients dropped, so weights and
+    optimiser state stay as they were), counted in ``skipped_steps`` and logged as
+    ``train/skipped_steps``; see :mod:`flowlab.lit.monitors`. The decision costs one host sync per
+    step (the finiteness of the gradient norm, which clipping computes anyway).
         eval_seed: seed of the validation/test dequantisation noise.
         seed: seed of the training noise (combined with the process rank).
         use_ema: evaluate (validation, test, images) with the EMA weights when they exist.
@@ -126,6 +132,10 @@ class FlowModule(pl.LightningModule):
         self.test_bpd = BitsPerDim()
         self._noise_gen: torch.Generator | None = None
         self._needs_init: bool | None = None
+        self.skipped_steps = 0  # non-finite steps skipped in this run (saved in checkpoints)
+        self._skip_streak = 0
+        self._step_loss: torch.Tensor | None = None
+        self._step_skipped = False
 
     # ---- the model used for evaluation and pictures -----------------------------------------------
     @property
@@ -184,6 +194,7 @@ class FlowModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._noise_gen = None  # re-seed from (seed, rank, step): a resumed run continues with new noise
         self._needs_init = None
+        self._skip_streak = 0
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = self.dequantize_train(batch[0])
@@ -191,6 +202,7 @@ class FlowModule(pl.LightningModule):
             self._initialize_flow(x)
         bpd = self.flow.bits_per_dim(x)
         loss = bpd.mean()
+        self._step_loss = loss.detach()
         self.train_bpd(bpd.detach())
         self.log("train/bpd", self.train_bpd, on_step=True, on_epoch=False, prog_bar=True)
         return loss
@@ -238,11 +250,48 @@ class FlowModule(pl.LightningModule):
             return
         norm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else math.inf)
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self._skip_if_nonfinite(norm, params)
+
+    def _skip_if_nonfinite(self, norm: torch.Tensor, params: list) -> None:
+        """Drop this step's gradients when the loss or the gradient norm is not finite on any process.
+
+        Adam/Adamax leave a parameter without a gradient untouched (weights, moments, step count), so
+        the step is a no-op; every process takes the same decision (reduced), keeping replicas equal.
+        """
+        finite = torch.isfinite(norm)
+        if self._step_loss is not None:
+            finite = finite & torch.isfinite(self._step_loss)
+        ok = bool(finite)  # the one host sync per step
+        if self._trainer is not None:
+            ok = self.trainer.strategy.reduce_boolean_decision(ok, all=True)
+        self._step_skipped = not ok
+        if ok:
+            self._skip_streak = 0
+        else:
+            for p in params:
+                p.grad = None
+            self.skipped_steps += 1
+            self._skip_streak += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def optimizer_step(self, *args, **kwargs) -> None:
+        self._step_skipped = False
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        if self.ema is not None and not self._step_skipped:
             self.ema.update(self.flow)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        limit = self.hparams.optim.get("max_consecutive_skips")
+        if limit and self._skip_streak >= int(limit):
+            from flowlab.lit.monitors import stop_diverged
+
+            stop_diverged(self.trainer, self._skip_streak, self.skipped_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_steps"] = int(self.skipped_steps)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     # ---- rebuilding from a checkpoint -----------------------------------------------------------------
     @classmethod
@@ -250,5 +299,23 @@ class FlowModule(pl.LightningModule):
         """A module rebuilt from a loaded checkpoint dict (see :func:`flowlab.lit.checkpoint.load_checkpoint`)."""
         hp = dict(checkpoint["hyper_parameters"])
         module = cls(**{k: hp[k] for k in ("model", "optim", "eval_seed", "seed", "use_ema", "data") if k in hp})
-        module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        try:
+            module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        except RuntimeError as e:  # one line that names the keys (PyTorch's message can run to pages)
+            raise RuntimeError(_mismatched_keys(module.state_dict(), checkpoint["state_dict"]) or str(e)) from e
         return module
+
+
+def _mismatched_keys(expected: Mapping, found: Mapping, show: int = 8) -> str:
+    """``missing keys: a, b; unexpected keys: c; shape mismatches: d (2, 3) in the file, (4, 3) in the model``."""
+    def listed(title: str, items: list[str]) -> str:
+        more = f" (and {len(items) - show} more)" if len(items) > show else ""
+        return f"{title} ({len(items)}): {', '.join(items[:show])}{more}"
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in expected.items()
+              if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)]
+    parts = [listed(t, i) for t, i in (("missing keys", missing), ("unexpected keys", unexpected),
+                                       ("shape mismatches", shapes)) if i]
+    return "; ".join(parts)

@@ -1,0 +1,238 @@
+"""Numerical health of a training run: what happens to non-finite steps, and the invertibility monitor.
+
+Non-finite steps (the mechanism lives in :class:`flowlab.lit.module.FlowModule`): a step whose loss
+or global gradient norm is not finite is skipped — its gradients are dropped, so the optimiser
+leaves the weights *and* its own state (Adam's moments, step count) untouched — and counted as
+``train/skipped_steps``. After ``optim.max_consecutive_skips`` skipped steps in a row the run
+stops: :func:`stop_diverged` writes the weights as they were after the last good step (skipped
+steps do not change them) to ``<checkpoints>/last_good_step_<step>.ckpt`` and raises
+:class:`TrainingDiverged`, which the command line prints as one ``error: ...`` line (exit 2).
+
+:class:`InvertibilityMonitor`, a callback: every N optimiser steps, the largest reconstruction
+error ``max|decode(encode(x)) − x|`` of the trained weights on a fixed batch (logged as
+``train/recon_error``), and the health of every learned mixing matrix (the 1×1 weight of
+Glow's convolution, the folded weight of the paper's n×n convolution, the 1×1 part of Emerging
+convolutions): the largest ``|log|det W||`` and condition number are logged, and a layer beyond
+the bounds is named in a warning, as is a reconstruction error above the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from flowlab.errors import ConfigError, UserError
+
+__all__ = ["TrainingDiverged", "InvertibilityWarning", "InvertibilityMonitor", "stop_diverged", "checkpoint_dir",
+           "mixing_weights", "check_max_consecutive_skips", "check_monitor_config"]
+
+
+class TrainingDiverged(UserError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient."""
+
+
+class InvertibilityWarning(UserWarning):
+    """The flow is losing numerical invertibility (reconstruction error or a near-singular weight)."""
+
+
+# ---- non-finite steps ------------------------------------------------------------------------------------------
+def check_max_consecutive_skips(value, key: str = "optim.max_consecutive_skips") -> int | None:
+    """``value`` as an int ≥ 1, or None (never stop); ConfigError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} is not allowed: give the number of skipped (non-finite) steps in a row "
+                          "after which training stops, an integer ≥ 1 (or null: never stop)")
+    return value
+
+
+def checkpoint_dir(trainer: pl.Trainer) -> Path:
+    """Where the run's checkpoints go: the first ModelCheckpoint's folder, else ``<default_root_dir>/checkpoints``."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            return Path(cb.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
+
+
+def stop_diverged(trainer: pl.Trainer, streak: int, total: int) -> None:
+    """Save the last good state and raise :class:`TrainingDiverged` (on every process, at the same step)."""
+    step = int(trainer.global_step)
+    good = step - streak
+    path = checkpoint_dir(trainer) / f"last_good_step_{step:07d}.ckpt"
+    tmp = path.with_name(f".{path.name}.tmp")
+    saved = True
+    try:
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective: every process calls it
+        if trainer.is_global_zero:
+            os.replace(tmp, path)  # never a half-written file under the final name
+    except Exception as e:  # noqa: BLE001 - the message below must still reach the user
+        saved = False
+        error = f"{type(e).__name__}: {e}"
+    where = (f"The weights of the last good step (step {good}; skipped steps leave weights and optimiser state "
+             f"unchanged) are in {path}" if saved else f"Saving the last good state to {path} failed ({error})")
+    raise TrainingDiverged(
+        f"training stopped at step {step}: the last {streak} optimiser steps all had a non-finite loss or "
+        f"gradient and were skipped (optim.max_consecutive_skips={streak}; {total} skipped in all). {where}. "
+        f"Continue from that state with ckpt_path={path} and a lower optim.lr, a longer optim.warmup_steps or a "
+        "tighter optim.grad_clip, or start a new run with model.coupling=additive")
+
+
+# ---- invertibility monitor ---------------------------------------------------------------------------------------
+def mixing_weights(root: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(module name, W)`` for every learned channel-mixing matrix: the 1×1 weight of InvertibleConv1x1
+    (plain or LU) and the folded weight ``W·diag(α)`` of the n×n convolution (its inner 1×1 conv is not
+    listed again). ``W`` is detached; per-pixel log|det W| and cond(W) say how close it is to singular."""
+    from flowlab.flows import InvertibleConv1x1, InvertibleNxNConv
+
+    out, inside_nxn = [], set()
+    with torch.no_grad():
+        for name, m in root.named_modules():
+            if isinstance(m, InvertibleNxNConv):
+                out.append((name, m.folded()[0].detach()))
+                inside_nxn.add(id(m.conv))
+            elif isinstance(m, InvertibleConv1x1) and id(m) not in inside_nxn:
+                out.append((name, m.weight_matrix().detach()))
+    return out
+
+
+def _number(value, key: str, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        none = " (or null)" if allow_none else ""
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be a finite number > 0{none}")
+    return float(value)
+
+
+def _count(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer ≥ 1")
+    return value
+
+
+_MONITOR_KEYS = {"every_n_steps": _count, "n_images": _count,
+                 "recon_threshold": lambda v, k: _number(v, k, allow_none=True),
+                 "logdet_bound": _number, "cond_bound": _number}
+
+
+def check_monitor_config(cfg: Mapping[str, Any], key: str = "callbacks.invertibility") -> None:
+    """ConfigError naming the key unless every argument of :class:`InvertibilityMonitor` in ``cfg`` is allowed
+    (run by ``flowlab-train``'s config checks, before any data is read)."""
+    for name, check in _MONITOR_KEYS.items():
+        if name in cfg:
+            check(cfg[name], f"{key}.{name}")
+
+
+class InvertibilityMonitor(Callback):
+    """Every ``every_n_steps`` optimiser steps (and at the end of training), on the global-zero process:
+
+    - ``train/recon_error``: ``max|decode(encode(x)) − x|`` of the trained weights (not the EMA) on the
+      first ``n_images`` validation images (training images when there is no validation set),
+      dequantised with the fixed evaluation noise; a warning when it exceeds ``recon_threshold``
+      (default: half a quantisation bin, ``1/2^(n_bits+1)`` — above it a round trip changes pixel values);
+    - ``train/mixing_max_abs_logdet`` and ``train/mixing_max_cond``: the largest per-pixel ``|log|det W||``
+      and condition number over the learned mixing matrices (see :func:`mixing_weights`), in float64;
+      a warning names every layer beyond ``logdet_bound`` or ``cond_bound``.
+
+    The values go straight to the loggers at the step they were measured; ``history`` keeps them.
+    """
+
+    def __init__(self, every_n_steps: int = 500, n_images: int = 16, recon_threshold: float | None = None,
+                 logdet_bound: float = 20.0, cond_bound: float = 1.0e4):
+        check_monitor_config(dict(every_n_steps=every_n_steps, n_images=n_images, recon_threshold=recon_threshold,
+                                  logdet_bound=logdet_bound, cond_bound=cond_bound))
+        self.every_n_steps = every_n_steps
+        self.n_images = n_images
+        self.recon_threshold = recon_threshold
+        self.logdet_bound = float(logdet_bound)
+        self.cond_bound = float(cond_bound)
+        self.history: list[dict[str, Any]] = []
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_step = -1
+
+    # -- when ---------------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0:
+            self._check(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0:
+            self._check(trainer, pl_module)
+
+    # -- what ---------------------------------------------------------------------------------------------
+    def _fixed_batch(self, trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._batch is None:
+            dm = trainer.datamodule
+            ds = getattr(dm, "val_dataset", None) if dm is not None else None
+            if ds is None or len(ds) == 0:
+                ds = getattr(dm, "train_dataset", None) if dm is not None else None
+            if ds is None or len(ds) == 0:
+                return None
+            n = min(self.n_images, len(ds))
+            self._batch = (torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)]), torch.arange(n))
+        return self._batch
+
+    def threshold(self, n_bits: int) -> float:
+        return self.recon_threshold if self.recon_threshold is not None else 1.0 / 2 ** (n_bits + 1)
+
+    def _check(self, trainer, pl_module) -> None:
+        step = int(trainer.global_step)
+        if step == self._last_step or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self._last_step = step
+        record: dict[str, Any] = {"step": step}
+        metrics: dict[str, float] = {}
+        batch = self._fixed_batch(trainer)
+        if batch is not None:
+            from flowlab.lit.images import reconstruct
+
+            x, index = batch
+            x = pl_module.dequantize_eval(x.to(pl_module.device), index.to(pl_module.device))
+            _, err = reconstruct(pl_module.flow, x)
+            record["recon_error"] = metrics["train/recon_error"] = err
+            limit = self.threshold(pl_module.n_bits)
+            if not err <= limit:  # also NaN
+                warnings.warn(
+                    f"invertibility monitor, step {step}: max|decode(encode(x)) - x| = {err:.3g} on {x.shape[0]} fixed "
+                    f"images exceeds {limit:.3g} (callbacks.invertibility.recon_threshold): the flow no longer "
+                    "inverts to the same pixels. Look for a near-singular mixing weight (warned separately) or "
+                    "exploding coupling scales; lower optim.lr or resume from an earlier checkpoint",
+                    InvertibilityWarning, stacklevel=2)
+        layers = []
+        for name, w in mixing_weights(pl_module):
+            wd = w.double().cpu()
+            logdet = float(torch.linalg.slogdet(wd)[1])
+            cond = float(torch.linalg.cond(wd)) if torch.isfinite(wd).all() else math.inf
+            layers.append((name, logdet, cond))
+        if layers:
+            record["max_abs_logdet"] = metrics["train/mixing_max_abs_logdet"] = max(abs(ld) for _, ld, _ in layers)
+            record["max_cond"] = metrics["train/mixing_max_cond"] = max(c for _, _, c in layers)
+            bad = [(n, ld, c) for n, ld, c in layers
+                   if not (abs(ld) <= self.logdet_bound) or not (c <= self.cond_bound)]
+            record["near_singular"] = [n for n, _, _ in bad]
+            if bad:
+                listed = "; ".join(f"{n}: log|det W| = {ld:.3g}, condition number {c:.3g}" for n, ld, c in bad[:8])
+                more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
+                warnings.warn(
+                    f"invertibility monitor, step {step}: {len(bad)} mixing weight(s) approach singularity "
+                    f"(bounds: |log|det W|| ≤ {self.logdet_bound:g} = callbacks.invertibility.logdet_bound, "
+                    f"condition number ≤ {self.cond_bound:g} = callbacks.invertibility.cond_bound): {listed}{more}. "
+                    "Their inverses lose precision, so sampling and reconstructions degrade; lower optim.lr, "
+                    "or use model/permutation=conv1x1_lu (its log-det cannot pass through 0)",
+                    InvertibilityWarning, stacklevel=2)
+        self.history.append(record)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
