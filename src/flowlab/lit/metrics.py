@@ -1,8 +1,14 @@
-"""Bits per dimension as a torchmetrics Metric: an exact weighted mean over every image seen.
+"""Bits per dimension as torchmetrics Metrics: exact means over every image seen.
 
-The state is the sum of per-image bits/dim (float64) and the number of images; both are summed
-over processes under DDP, so the value is the mean over all images however they were split into
-batches and processes (batches of unequal size are weighted correctly).
+:class:`BitsPerDim` (training): the state is the sum of per-image bits/dim (float64) and the number of
+images; both are summed over processes under DDP, so the value is the mean over all images however
+they were split into batches and processes (batches of unequal size are weighted correctly).
+
+:class:`KeyedBitsPerDim` (validation and test): every value comes with a key (the image's dataset
+index and the dequantisation draw) and each key counts once. Under DDP, Lightning's
+``DistributedSampler`` pads the last round of a validation/test set with repeats of the first images
+so all processes get the same number; those repeats carry the same key (and, as evaluation noise is
+keyed by index, the same value) and are dropped, so the result equals the single-process value.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-__all__ = ["BitsPerDim"]
+__all__ = ["BitsPerDim", "KeyedBitsPerDim"]
 
 
 class BitsPerDim(Metric):
@@ -32,3 +38,38 @@ class BitsPerDim(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count  # NaN when nothing was seen (0 / 0)
+
+
+class KeyedBitsPerDim(Metric):
+    """Mean of per-image bits/dim over distinct keys; ``update(bpd, key)`` takes two ``[B]`` tensors.
+
+    Keeps one float64 and one int64 per image (gathered over processes at ``compute``), e.g. 0.8 MB for
+    the 50,000 images of ImageNet's validation set.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+    is_differentiable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("keys", default=[], dist_reduce_fx="cat")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, bpd: torch.Tensor, key: torch.Tensor) -> None:
+        bpd, key = bpd.detach().reshape(-1), key.detach().reshape(-1)
+        if bpd.numel() != key.numel():
+            raise ValueError(f"{bpd.numel()} values for {key.numel()} keys")
+        self.values.append(bpd.to(torch.float64))
+        self.keys.append(key.to(torch.int64))
+
+    def compute(self) -> torch.Tensor:
+        from torchmetrics.utilities import dim_zero_cat
+
+        if not self.keys or (isinstance(self.keys, list) and sum(k.numel() for k in self.keys) == 0):
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
+        keys, values = dim_zero_cat(self.keys), dim_zero_cat(self.values)
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        first = torch.full((unique.numel(),), keys.numel(), dtype=torch.int64, device=keys.device)
+        first.scatter_reduce_(0, inverse, torch.arange(keys.numel(), device=keys.device), reduce="amin")
+        return values[first].mean()

@@ -26,7 +26,7 @@ from torch import nn
 from flowlab.data.transforms import preprocess
 from flowlab.errors import ConfigError
 from flowlab.lit.ema import EMA
-from flowlab.lit.metrics import BitsPerDim
+from flowlab.lit.metrics import BitsPerDim, KeyedBitsPerDim
 from flowlab.lit.noise import eval_uniform
 
 __all__ = ["FlowModule", "build_flow", "OPTIMIZERS", "ALLOWED_MODEL_PACKAGES"]
@@ -34,6 +34,7 @@ __all__ = ["FlowModule", "build_flow", "OPTIMIZERS", "ALLOWED_MODEL_PACKAGES"]
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
 #: ``_target_`` of a model config must name a class in one of these packages (checkpoints are data, not code)
 ALLOWED_MODEL_PACKAGES = ("flowlab.flows",)
+_MAX_DRAWS = 2**20  # evaluation metric key = image index * _MAX_DRAWS + draw
 _OPTIM_DEFAULTS_KEYS = ("optimizer", "lr", "betas", "weight_decay", "warmup_steps", "grad_clip", "ema_decay")
 
 
@@ -128,8 +129,8 @@ class FlowModule(pl.LightningModule):
         self.eval_draws = 1  # dequantisation draws per test image in one test pass
         self.eval_draw_offset = 0  # number of the first draw (flowlab-eval runs one pass per draw)
         self.train_bpd = BitsPerDim()
-        self.val_bpd = BitsPerDim()
-        self.test_bpd = BitsPerDim()
+        self.val_bpd = KeyedBitsPerDim()  # keyed by (image index, draw): DistributedSampler's repeats count once
+        self.test_bpd = KeyedBitsPerDim()
         self._noise_gen: torch.Generator | None = None
         self._needs_init: bool | None = None
         self.skipped_steps = 0  # non-finite steps skipped in this run (saved in checkpoints)
@@ -207,15 +208,18 @@ class FlowModule(pl.LightningModule):
         self.log("train/bpd", self.train_bpd, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch, batch_idx: int, metric: BitsPerDim, draws: range) -> None:
+    def _eval_step(self, batch, batch_idx: int, metric: KeyedBitsPerDim, draws: range) -> None:
         x = batch[0]
         if len(batch) >= 3:
             index = batch[2]
-        else:  # datasets that do not yield their index: position in the loader (batch-size dependent)
-            index = torch.arange(x.shape[0], device=x.device) + batch_idx * x.shape[0]
+        else:  # datasets that do not yield their index: position in the loader (batch-size dependent; the
+            # position in DistributedSampler's interleaved order under DDP, whose padding repeats then count)
+            pos = torch.arange(x.shape[0], device=x.device) + batch_idx * x.shape[0]
+            index = pos * int(self.trainer.world_size if self._trainer is not None else 1) + int(self.global_rank)
         flow = self.eval_flow
         for draw in draws:
-            metric.update(flow.bits_per_dim(self.dequantize_eval(x, index, draw)))
+            key = index.to(torch.int64) * _MAX_DRAWS + int(draw)
+            metric.update(flow.bits_per_dim(self.dequantize_eval(x, index, draw)), key)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, self.val_bpd, range(1))
