@@ -57,6 +57,9 @@ class CheckConfigBeforeRun(Callback):
         except Exception:  # noqa: BLE001 - an unresolvable run dir is reported by the check below
             pass
         try:
+            from hydra.core.hydra_config import HydraConfig
+
+            HydraConfig.instance().set_config(config)  # ${hydra:runtime.choices...} resolve as in the job
             check(config)
         except Exception as e:  # noqa: BLE001 - only user errors end here, bugs are left to the task's own check
             message = user_error_message(e)
