@@ -42,8 +42,15 @@ test-all: install
 bench: install
 	$(BIN)/flowlab-bench --preset cpu $(ARGS)
 
+# The CPU-scale permutation ablation (7 models x 3 seeds, ~40 min on two cores; one torch thread per
+# run is much faster than two on shared cores), then its table and plots in <sweep dir>/aggregate/.
+ifndef SWEEP_NAME
+SWEEP_NAME := ablation_permutation_$(shell date +%Y-%m-%d_%H-%M-%S)
+endif
 sweep: install fashion-mnist
-	$(BIN)/flowlab-train -m experiment=ablation_permutation $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/flowlab-train -m experiment=ablation_permutation run_name=$(SWEEP_NAME) $(ARGS)
+	$(BIN)/python experiments/ablation_permutation/aggregate.py $${FLOWLAB_OUTPUT:-outputs}/multirun/$(SWEEP_NAME) \
+	  --out $${FLOWLAB_OUTPUT:-outputs}/multirun/$(SWEEP_NAME)/aggregate
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache
