@@ -18,7 +18,7 @@ from flowlab.errors import ConfigError, UserError
 
 __all__ = ["container", "instantiate_datamodule", "prepare_data", "instantiate_loggers", "instantiate_callbacks",
            "instantiate_trainer", "save_run_config", "is_main_process", "IndexedDataset", "check_data_fits_model",
-           "run_dir"]
+           "run_dir", "claim_output_dir"]
 
 
 def container(node: Any) -> Any:
@@ -40,6 +40,30 @@ def run_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def claim_output_dir(folder: Path, earlier_outputs: tuple[str, ...] = ()) -> Path:
+    """A directory no other command has written its outputs into: ``folder`` itself the first time, else
+    the first free ``<folder>-1``, ``<folder>-2``, ... (``flowlab-eval``/``flowlab-sample`` run twice with the
+    same ``run_name``, or started in the same second, never overwrite each other's files).
+
+    A directory is claimed by creating ``.claimed`` in it exclusively (safe between concurrent commands);
+    one holding any of ``earlier_outputs`` (written before claims existed) counts as taken. Only the main
+    process claims; the others (DDP) write nothing and get ``folder``.
+    """
+    if not is_main_process():
+        return folder
+    for n in range(10_000):
+        candidate = folder if n == 0 else folder.with_name(f"{folder.name}-{n}")
+        candidate.mkdir(parents=True, exist_ok=True)
+        if any((candidate / name).exists() for name in earlier_outputs):
+            continue
+        try:
+            os.close(os.open(candidate / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return candidate
+    raise UserError(f"{folder}: 10,000 earlier outputs of the same run_name; choose another run_name")
 
 
 # ---- data -------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def evaluate(cfg: DictConfig) -> float:
     bpd = sum(per_draw) / len(per_draw)
 
     if trainer.is_global_zero:
+        out_dir = build.claim_output_dir(out_dir, ("results.json",))  # never overwrite an earlier evaluation
         record = {f"{split}/bpd": bpd, "draws": draws, "per_draw": per_draw, "checkpoint": str(path),
                   "eval_seed": int(module.hparams.eval_seed), "use_ema": module.use_ema and module.ema is not None,
                   "global_step": int(ckpt.get("global_step", -1))}

@@ -45,6 +45,7 @@ def sample(cfg: DictConfig) -> list[str]:
         build.prepare_data(datamodule, ("test",))
     module.to(device).eval()
     flow = module.eval_flow
+    out_dir = build.claim_output_dir(out_dir, ("samples.json",))  # checks passed: never overwrite earlier samples
 
     written = []
     for t in temperatures:
