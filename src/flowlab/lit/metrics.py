@@ -66,9 +66,12 @@ class KeyedBitsPerDim(Metric):
     def compute(self) -> torch.Tensor:
         from torchmetrics.utilities import dim_zero_cat
 
-        if not self.keys or (isinstance(self.keys, list) and sum(k.numel() for k in self.keys) == 0):
+        # lists of per-batch tensors before a DDP sync, one gathered tensor after it
+        if isinstance(self.keys, list) and not self.keys:
             return torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
         keys, values = dim_zero_cat(self.keys), dim_zero_cat(self.values)
+        if keys.numel() == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
         unique, inverse = torch.unique(keys, return_inverse=True)
         first = torch.full((unique.numel(),), keys.numel(), dtype=torch.int64, device=keys.device)
         first.scatter_reduce_(0, inverse, torch.arange(keys.numel(), device=keys.device), reduce="amin")
