@@ -7,13 +7,18 @@
 The run directory is ``${paths.output_dir}/runs/${run_name}`` (multirun:
 ``${paths.output_dir}/multirun/${run_name}/<sweep point>``). It receives the checkpoints, sample
 and reconstruction PNGs, ``metrics.csv``, the W&B offline run and ``results.json``. Starting a
-command again with the ``run_name`` of a run that has ``checkpoints/last.ckpt`` resumes that run.
+command again with the ``run_name`` of a run that has ``checkpoints/last.ckpt`` resumes that run
+(from the newest of last.ckpt and SLURM's ``hpc_ckpt_<n>.ckpt``) and prints ``Resuming from <path>``.
+
+Checkpoints are written atomically; SIGTERM or SIGUSR1 saves ``last.ckpt`` before the process exits
+(status 128 + signal); see :mod:`flowlab.lit.preemption` and, for DDP and SLURM, :mod:`flowlab.cluster`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import warnings
 from pathlib import Path
 
@@ -28,16 +33,17 @@ def _resume_checkpoint(cfg: DictConfig, out_dir: Path, model_hp: dict) -> Path |
     """The checkpoint to resume from (``ckpt_path``, or this run's last.ckpt when it exists), checked to be
     a safe flowlab checkpoint of the same model."""
     from flowlab.errors import CheckpointError
-    from flowlab.lit.checkpoint import CHECKPOINT_DIRNAME, load_checkpoint
+    from flowlab.lit.checkpoint import CHECKPOINT_DIRNAME, load_checkpoint, resume_candidates
 
     last = out_dir / CHECKPOINT_DIRNAME / "last.ckpt"
     requested = cfg.get("ckpt_path")
     if requested is None or str(requested) == "last":
-        if not last.is_file():
+        candidates = resume_candidates(out_dir)  # last.ckpt and SLURM's hpc_ckpt_<n>.ckpt, newest first
+        if not candidates:
             if requested is not None:
                 print(f"ckpt_path=last: {last} does not exist yet; starting from scratch", flush=True)
             return None
-        path = last
+        path = candidates[0]
     else:
         path = Path(str(requested)).expanduser()
         if path.is_dir():
@@ -55,12 +61,17 @@ def _resume_checkpoint(cfg: DictConfig, out_dir: Path, model_hp: dict) -> Path |
 def train(cfg: DictConfig) -> float:
     """Fit and test; returns the test bits/dim. Also the task function of the Hydra app."""
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from flowlab.cli import _build as build
     from flowlab.cli.validate import validate_train_config
+    from flowlab.cluster import check_strategy_for_multirun, cluster_plugins
+    from flowlab.lit.checkpoint import AtomicCheckpointIO
     from flowlab.lit.module import FlowModule
+    from flowlab.lit.preemption import Preemption
 
     validate_train_config(cfg)
+    check_strategy_for_multirun(build.container(cfg.trainer), _is_multirun())
     out_dir = build.run_dir()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
@@ -74,10 +85,14 @@ def train(cfg: DictConfig) -> float:
     resume = _resume_checkpoint(cfg, out_dir, model_hp)
     build.prepare_data(datamodule, ("fit", "test"))
     callbacks = build.instantiate_callbacks(cfg)
+    preemption = Preemption()  # SIGTERM/SIGUSR1: save last.ckpt, then exit; RNG state in checkpoints
+    callbacks.append(preemption)
 
     build.save_run_config(cfg, out_dir)
     loggers = build.instantiate_loggers(cfg)
-    trainer = build.instantiate_trainer(cfg, callbacks, loggers)
+    plugins = list(build.container(cfg.trainer.get("plugins")) or [])
+    trainer = build.instantiate_trainer(cfg, callbacks, loggers,
+                                        plugins=[AtomicCheckpointIO(), *cluster_plugins(), *plugins])
     if resume is not None and trainer.is_global_zero:
         print(f"Resuming from {resume}", flush=True)
     params = module.num_params
@@ -85,14 +100,18 @@ def train(cfg: DictConfig) -> float:
         logger.log_hyperparams({"config": build.container(cfg), "params": params})
 
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval-only
+    # val/test repeats that DistributedSampler pads in are dropped by image index (KeyedBitsPerDim)
+    warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
         test_ckpt = _checkpoint_to_test(trainer)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True, verbose=False)
         bpd = float(results[0]["test/bpd"]) if results else math.nan
         sync_hint = _finish_wandb(trainer, bpd, params)
-    except BaseException:
+    except BaseException as e:
         _finish_wandb(trainer, None, None, exit_code=1)
+        if isinstance(e, SIGTERMException):  # last.ckpt was saved (Preemption); a scheduler may requeue us
+            raise SystemExit(128 + int(preemption.signal_received or signal.SIGTERM)) from None
         raise
 
     if trainer.is_global_zero:
@@ -104,6 +123,13 @@ def train(cfg: DictConfig) -> float:
         print(f"run directory: {out_dir}", flush=True)
         print(f"test/bpd={bpd:.6f}", flush=True)
     return bpd
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _checkpoint_to_test(trainer) -> str | None:
