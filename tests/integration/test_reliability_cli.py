@@ -351,3 +351,57 @@ def test_the_five_commands_of_the_issue_end_in_one_message(tmp_path):
     assert not marker.exists(), "the crafted checkpoint's payload ran"
     runs = tmp_path / "outputs" / "runs"
     assert not runs.exists() or not any(runs.iterdir()), "a rejected command left a run directory"
+
+
+# ---- §1 through the command line: a run that keeps failing -------------------------------------------------------
+def test_a_diverging_run_ends_in_one_message_and_can_continue_from_its_last_good_state(
+        trained, out_dir, monkeypatch):
+    from flowlab.lit import FlowModule, module_from_checkpoint
+
+    original = FlowModule.dequantize_train
+
+    def nan_from_step_4(self, x):
+        y = original(self, x)
+        return y * float("nan") if self.global_step >= 4 else y
+
+    monkeypatch.setattr(FlowModule, "dequantize_train", nan_from_step_4)
+    args = ["experiment=quickstart", "debug=fast", "run_name=diverges", "logger=csv", "trainer.max_steps=20",
+            "optim.max_consecutive_skips=5", "callbacks.checkpoint.every_n_train_steps=100", *trained["base"]]
+    code, out, err = run("train", args)
+    line = one_error_line(err, out)
+    run_dir = out_dir / "runs" / "diverges"
+    good = run_dir / "checkpoints" / "last_good_step_0000009.ckpt"
+    assert code == 2 and line.startswith("error: training stopped at step 9: the last 5 optimiser steps"), line
+    assert f"are in {good}" in line and f"ckpt_path={good}" in line and "test/bpd=" not in out
+    assert "train/skipped_steps" in (run_dir / "metrics.csv").read_text().splitlines()[0]
+    module, ckpt, _ = module_from_checkpoint(good)
+    assert ckpt["global_step"] == 9 and ckpt["skipped_steps"] == 5
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+    monkeypatch.setattr(FlowModule, "dequantize_train", original)  # the cause is fixed: continue from it
+    code, out, err = run("train", [*args[:-len(trained["base"])], f"ckpt_path={good}", "trainer.max_steps=12",
+                                   *trained["base"]])
+    assert code == 0, err[-3000:]
+    assert f"Resuming from {good}" in out and out.strip().splitlines()[-1].startswith("test/bpd=")
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 12 and last["skipped_steps"] == 5
+    assert good.is_file(), "the last good state is kept"
+
+
+def test_every_config_trains_with_warmup_clipping_skip_limit_and_the_monitor():
+    """The defaults that keep flows from NaN-ing: on in train.yaml and in every experiment."""
+    from hydra import compose, initialize_config_dir
+
+    from flowlab.cli._config import config_dir
+
+    experiments = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+    assert "quickstart" in experiments
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for exp in [None, *experiments]:
+            cfg = compose("train", overrides=[] if exp is None else [f"experiment={exp}"])
+            o = cfg.optim
+            assert o.warmup_steps >= 1 and o.grad_clip is not None and o.grad_clip > 0, exp
+            assert o.max_consecutive_skips is not None and o.max_consecutive_skips >= 1, exp
+            assert cfg.callbacks.invertibility.every_n_steps >= 1, exp
+    GlobalHydra.instance().clear()
