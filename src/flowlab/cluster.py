@@ -30,7 +30,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 
 from flowlab.errors import ConfigError
 
-__all__ = ["SlurmLauncher", "cluster_plugins", "check_strategy_for_multirun", "REQUEUE_ENV"]
+__all__ = ["SlurmLauncher", "cluster_plugins", "check_strategy_for_multirun", "set_requeue_allowed", "REQUEUE_ENV"]
 
 #: set on the node by :class:`SlurmLauncher`: "1" while requeues are left, "0" once max_num_timeout is used up
 REQUEUE_ENV = "FLOWLAB_SLURM_AUTO_REQUEUE"
@@ -48,6 +48,16 @@ def cluster_plugins() -> list:
         return []
     auto = os.environ.get(REQUEUE_ENV, "1") != "0"
     return [SLURMEnvironment(auto_requeue=auto, requeue_signal=signal.SIGUSR1)]
+
+
+def set_requeue_allowed(max_requeues: int) -> bool:
+    """On a SLURM node: allow Lightning's auto-requeue while this job has been requeued fewer than
+    ``max_requeues`` times (``SLURM_RESTART_COUNT``); the decision goes to :func:`cluster_plugins` through
+    the environment. Returns it."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    allowed = restarts < int(max_requeues)
+    os.environ[REQUEUE_ENV] = "1" if allowed else "0"
+    return allowed
 
 
 def _external_launch() -> bool:
@@ -138,9 +148,7 @@ class SlurmLauncher(_HydraSlurmLauncher):
 
     # ---- the job side (on the node, once per task) ---------------------------------------------------------
     def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state):
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        allowed = int(self.params.get("max_num_timeout", 0) or 0)
-        os.environ[REQUEUE_ENV] = "1" if restarts < allowed else "0"
+        set_requeue_allowed(int(self.params.get("max_num_timeout", 0) or 0))
         # Lightning registers its requeue handler only where no other handler sits; submitit installs one
         # for its own preemption signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise).
         sig = getattr(signal, "SIG" + self.requeue_signal)
