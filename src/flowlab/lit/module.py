@@ -192,6 +192,13 @@ class FlowModule(pl.LightningModule):
             self.ema.reset(self.flow)
 
     # ---- Lightning hooks --------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Under DDP Lightning warns that DistributedSampler repeats val/test images; KeyedBitsPerDim drops the
+        # repeats by image index. Set here because this runs in every process (ddp_spawn's too).
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
+
     def on_fit_start(self) -> None:
         self._noise_gen = None  # re-seed from (seed, rank, step): a resumed run continues with new noise
         self._needs_init = None
