@@ -103,15 +103,15 @@ class FlowModule(pl.LightningModule):
         optim: ``optimizer`` (adam | adamax), ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``
             (linear warm-up), ``grad_clip`` (max global gradient norm or None), ``ema_decay`` (None: off),
             ``max_consecutive_skips`` (stop after this many non-finite steps in a row; None/absent: never).
+        eval_seed: seed of the validation/test dequantisation noise.
+        seed: seed of the training noise (combined with the process rank).
+        use_ema: evaluate (validation, test, images) with the EMA weights when they exist.
+        data: a description of the data the model is trained on (kept for messages and tools).
 
     A step whose loss or gradient norm is not finite is skipped (gradients dropped, so weights and
     optimiser state stay as they were), counted in ``skipped_steps`` and logged as
     ``train/skipped_steps``; see :mod:`flowlab.lit.monitors`. The decision costs one host sync per
     step (the finiteness of the gradient norm, which clipping computes anyway).
-        eval_seed: seed of the validation/test dequantisation noise.
-        seed: seed of the training noise (combined with the process rank).
-        use_ema: evaluate (validation, test, images) with the EMA weights when they exist.
-        data: a description of the data the model is trained on (kept for messages and tools).
     """
 
     def __init__(self, model: Mapping, optim: Mapping, eval_seed: int = 1234, seed: int = 0,
