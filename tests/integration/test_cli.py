@@ -248,7 +248,8 @@ def _sub(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_console_scripts_in_a_shell(env, tmp_path):
-    base = [f"paths.data_dir={env['data']}", "data.batch_size=4", "data.val_size=0.2", *quiet()]
+    """train -> eval -> sample, each a new process started from another directory, as a user would."""
+    base = [f"paths.data_dir={env['data']}", "data.batch_size=4", "data.val_size=0.2", "logger=csv", *quiet()]
     p = _sub("flowlab-train", ["experiment=quickstart", "debug=fast", "run_name=sub", *base], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     bpd = _last_bpd(p.stdout)
@@ -261,7 +262,18 @@ def test_console_scripts_in_a_shell(env, tmp_path):
                                 "sample.reconstructions=0", "run_name=s"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "outputs" / "samples" / "s" / "samples_T1.00.png").is_file()
-    p = _sub("flowlab-train", ["experiment=quickstart", "model.L=3"], cwd=tmp_path)
-    assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.strip() == ("error: model.L=3: image size 28 is not divisible by 2^3 = 8; use a smaller L "
-                                "(at most 2 for size 28) or resize/pad the images")
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("flowlab-train", ["experiment=quickstart", "model.L=3"],
+     "error: model.L=3: image size 28 is not divisible by 2^3 = 8; use a smaller L (at most 2 for size 28) "
+     "or resize/pad the images"),
+    ("flowlab-eval", ["ckpt_path=missing.ckpt"], "error: ckpt_path=missing.ckpt: no such checkpoint file"),
+    ("flowlab-sample", ["data=nope"], "error: data=nope is not a known option; available data options: "),
+])
+def test_console_scripts_report_mistakes_in_one_line(script, args, message, tmp_path):
+    """What a shell sees: the installed script, config found from another directory, one line, status 2."""
+    p = _sub(script, args, cwd=tmp_path)
+    assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+    assert p.stderr.startswith(message) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not any(tmp_path.iterdir()), "nothing written"

@@ -127,13 +127,9 @@ def test_trainers_instantiate(trainer, tmp_path):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-@pytest.mark.parametrize("trainer", [None, "cpu", "ddp"])
-def test_experiments_compose_with_paper_settings(experiment, trainer, tmp_path):
-    overrides = [f"experiment={experiment}"] + ([f"trainer={trainer}"] if trainer else [])
-    cfg = _compose(overrides, tmp_path)
-    validate_train_config(cfg)
-    if trainer:
-        assert cfg.trainer.accelerator == ("cpu" if trainer == "cpu" else "gpu")
+def test_experiments_compose_with_paper_settings(experiment, tmp_path):
+    cfg = _compose([f"experiment={experiment}"], tmp_path)
+    validate_train_config(cfg)  # includes building the full-size model on the meta device
     paper = {"paper_cifar10": ("cifar10", 32, 3, 64, 8), "paper_imagenet32": ("imagenet32", 48, 3, 64, 8),
              "paper_imagenet64": ("imagenet64", 48, 4, 64, 8), "paper_celebahq256": ("celebahq256", 32, 6, 1, 5)}
     if experiment in paper:
@@ -142,10 +138,17 @@ def test_experiments_compose_with_paper_settings(experiment, trainer, tmp_path):
         assert (cfg.model.K, cfg.model.L, cfg.data.batch_size, cfg.data.n_bits) == (K, L, batch, n_bits)
         assert cfg.optim.lr == 1e-3 and cfg.optim.optimizer == "adam"
         assert cfg.model.permutation == "nxn" and cfg.model.hidden_channels == 512
-    # the full-size model is built on the meta device: every argument checked, no memory used
-    with torch.device("meta"):
-        flow = build_flow(build.container(cfg.model))
-    assert flow.K == cfg.model.K and flow.L == cfg.model.L
+        with torch.device("meta"):
+            flow = build_flow(build.container(cfg.model))
+        assert flow.K == K and flow.L == L
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("trainer", ["cpu", "ddp", "ddp_cpu"])
+def test_experiments_combine_with_every_trainer(experiment, trainer, tmp_path):
+    cfg = _compose([f"experiment={experiment}", f"trainer={trainer}"], tmp_path)
+    assert cfg.trainer.accelerator == ("gpu" if trainer == "ddp" else "cpu")
+    assert cfg.trainer.max_steps == _compose([f"experiment={experiment}"], tmp_path).trainer.max_steps
 
 
 @pytest.mark.parametrize("debug", DEBUG)
@@ -174,7 +177,8 @@ def test_run_directories_and_defaults(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["eval", "sample"])
 def test_eval_and_sample_configs(name, tmp_path):
-    cfg = _compose(["experiment=quickstart", "ckpt_path=x.ckpt"], tmp_path, config_name=name)
+    (tmp_path / "x.ckpt").write_bytes(b"")  # only its existence is checked here; it is read later, safely
+    cfg = _compose(["experiment=quickstart", f"ckpt_path={tmp_path / 'x.ckpt'}"], tmp_path, config_name=name)
     (validate_eval_config if name == "eval" else validate_sample_config)(cfg)
     assert str(cfg.hydra.run.dir).startswith(f"outputs/{'eval' if name == 'eval' else 'samples'}/quickstart_")
     assert cfg.data.channels == 1  # the experiment's data choice applies

@@ -28,8 +28,9 @@ from flowlab.errors import UserError
 __all__ = ["run_hydra", "CheckConfigBeforeRun", "user_error_message", "EXIT_USER_ERROR"]
 
 EXIT_USER_ERROR = 2
-# run directories this process found absent before Hydra created them (removed again on a user error)
-_NEW_RUN_DIRS: set[str] = set()
+# run directories this process found absent before Hydra created them (removed again on a user error),
+# each with the topmost of its folders that did not exist either
+_NEW_RUN_DIRS: dict[str, str] = {}
 
 
 def _validator(config_name: str | None) -> Callable[[DictConfig], None] | None:
@@ -53,7 +54,10 @@ class CheckConfigBeforeRun(Callback):
         try:
             run_dir = Path(str(config.hydra.run.dir)).absolute()
             if not run_dir.exists():
-                _NEW_RUN_DIRS.add(str(run_dir))
+                top = run_dir
+                while not top.parent.exists():
+                    top = top.parent
+                _NEW_RUN_DIRS[str(run_dir)] = str(top)
         except Exception:  # noqa: BLE001 - an unresolvable run dir is reported by the check below
             pass
         try:
@@ -106,10 +110,16 @@ def user_error_message(e: BaseException) -> str | None:
 
 def _remove_if_only_log(run_dir: Path) -> None:
     """Remove a run directory this command created that holds nothing but Hydra's log file."""
-    if str(run_dir) not in _NEW_RUN_DIRS or not run_dir.is_dir():
+    top = _NEW_RUN_DIRS.get(str(run_dir))
+    if top is None or not run_dir.is_dir():
         return
-    if all(p.is_file() and p.suffix == ".log" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if not all(p.is_file() and p.suffix == ".log" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    folder = run_dir.parent
+    while str(folder).startswith(top) and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # the empty folders created on the way (outputs/, outputs/runs/)
+        folder = folder.parent
 
 
 def _guarded(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:

@@ -195,6 +195,9 @@ def _check_ckpt_given(cfg: DictConfig, command: str) -> None:
     if ckpt is None or str(ckpt).strip() == "":
         raise ConfigError(f"ckpt_path is not set: {command} needs a checkpoint, e.g. "
                           f"{command} ckpt_path=outputs/runs/<run_name>/checkpoints/best.ckpt (or the run directory)")
+    from flowlab.lit.checkpoint import resolve_checkpoint
+
+    resolve_checkpoint(ckpt)  # the file (or a run directory's best/last.ckpt) exists; read later, safely
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
