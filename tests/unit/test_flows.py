@@ -265,7 +265,7 @@ def test_realnvp_has_no_learned_channel_mixing():
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"CheckerboardCoupling", "ChannelCoupling"} <= kinds
     assert not kinds & {"InvertibleConv1x1", "InvertibleNxNConv", "EmergingConv", "Shuffle", "Reverse"}
-    with pytest.raises(ConfigError, match=r"28 is not divisible by 2\^3"):
+    with pytest.raises(ConfigError, match=r"model.L=4: image size 28 is not divisible by 2\^3 .*at most 3"):
         RealNVP(1, 28, K=3, L=4, hidden_channels=8)
 
 

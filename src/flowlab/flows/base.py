@@ -34,17 +34,23 @@ def check_n_bits(n_bits) -> int:
     return n_bits
 
 
-def check_image_size(image_size, L: int) -> tuple[int, int]:
-    """(H, W) from an int or a pair; raise ConfigError unless both are divisible by 2^L."""
+def check_image_size(image_size, L: int, squeezes: int | None = None) -> tuple[int, int]:
+    """(H, W) from an int or a pair; raise ConfigError unless both survive the model's squeezes.
+
+    ``squeezes`` is how many 2×2 squeezes ``L`` levels make (L for Glow, L − 1 for RealNVP, whose
+    last level keeps its resolution); the message names ``model.L`` either way.
+    """
+    squeezes = L if squeezes is None else squeezes
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in hw):
         raise ConfigError(f"image_size={image_size!r} is not allowed: give a positive int or (height, width)")
-    factor = 2**L
+    factor = 2**squeezes
     for s in sorted(set(hw)):
         if s % factor:
+            largest = int(math.log2(s & -s)) + (L - squeezes)
             raise ConfigError(
-                f"model.L={L}: image size {s} is not divisible by 2^{L} = {factor}; "
-                f"use a smaller L (at most {int(math.log2(s & -s))} for size {s}) or resize/pad the images"
+                f"model.L={L}: image size {s} is not divisible by 2^{squeezes} = {factor}; "
+                f"use a smaller L (at most {largest} for size {s}) or resize/pad the images"
             )
     return hw  # type: ignore[return-value]
 

@@ -120,7 +120,7 @@ class RealNVP(MultiScaleFlow):
         check_int("model.hidden_channels", hidden_channels, 1)
         check_n_bits(n_bits)
         # Every level but the last squeezes once; the last works at the resolution it gets.
-        height, width = check_image_size(image_size, L - 1)
+        height, width = check_image_size(image_size, L, squeezes=L - 1)
         super().__init__(in_channels, (height, width), L, n_bits)
         self.K = K
         self.permutation = "realnvp"
