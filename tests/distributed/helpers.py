@@ -8,8 +8,6 @@ the repository root so ``tests`` is importable there (and in the processes DDP s
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import subprocess
@@ -88,25 +86,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def run_inprocess(task: str, args: list[str]) -> tuple[int, str, str]:
     """``flowlab-<task>`` in this process: (exit status, stdout, stderr)."""
-    from hydra.core.global_hydra import GlobalHydra
+    from tests.cli_runner import run_cli
 
-    from flowlab.cli._hydra import run_hydra
-    from flowlab.cli.eval import evaluate
-    from flowlab.cli.train import train
-
-    fn = {"train": train, "eval": evaluate}[task]
-    GlobalHydra.instance().clear()
-    out, err = io.StringIO(), io.StringIO()
-    argv, code = sys.argv[:], 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_hydra(fn, task, argv=args)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(task, args)
 
 
 def load(path: Path) -> dict:

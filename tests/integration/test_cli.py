@@ -6,9 +6,7 @@ true subprocess test per console script checks what a user's shell sees.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -18,39 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from flowlab.cli._hydra import run_hydra
-from flowlab.cli.eval import evaluate
-from flowlab.cli.sample import sample
-from flowlab.cli.train import train
+from tests.cli_runner import run_cli as run
 from tests.fakedata import garbage, write_cifar10
 
-TASKS = {"train": train, "eval": evaluate, "sample": sample}
 BPD_LINE = re.compile(r"^test/bpd=(\d+\.\d+)$")
 
 
 def quiet(extra: list[str] | None = None) -> list[str]:
     return ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             *(extra or [])]
-
-
-def run(command: str, args: list[str]) -> tuple[int, str, str]:
-    """Run a flowlab command in this process: (exit status, stdout, stderr)."""
-    GlobalHydra.instance().clear()
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv[:]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_hydra(TASKS[command], command, argv=args)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(autouse=True)

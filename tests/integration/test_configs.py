@@ -80,11 +80,7 @@ def test_data_times_model_composes_validates_and_instantiates(data, model, tmp_p
 def test_loggers_instantiate(logger, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = _compose([f"logger={logger}"], tmp_path)
-    try:
-        loggers = build.instantiate_loggers(cfg)
-    except ConfigError as e:  # tensorboard is optional
-        assert logger == "tensorboard" and "pip install tensorboard" in str(e)
-        return
+    loggers = build.instantiate_loggers(cfg)
     names = sorted(type(lg).__name__ for lg in loggers)
     expected = {"wandb": ["CSVLogger", "WandbLogger"], "csv": ["CSVLogger"],
                 "tensorboard": ["CSVLogger", "TensorBoardLogger"], "none": []}[logger]

@@ -8,9 +8,7 @@ commands in a shell, exactly as a new user types them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
 import pickle
 import subprocess
@@ -22,30 +20,10 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from flowlab.cli import _build
-from flowlab.cli._hydra import run_hydra
-from flowlab.cli.eval import evaluate
-from flowlab.cli.sample import sample
-from flowlab.cli.train import train
+from tests.cli_runner import QUIET
+from tests.cli_runner import run_cli as run
 from tests.fakedata import garbage, truncate, write_celebahq, write_cifar10, write_idx, write_imagenet_npz
 
-TASKS = {"train": train, "eval": evaluate, "sample": sample}
-QUIET = ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-
-
-def run(command: str, args: list[str]) -> tuple[int, str, str]:
-    """A flowlab command in this process: (exit status, stdout, stderr)."""
-    GlobalHydra.instance().clear()
-    out, err = io.StringIO(), io.StringIO()
-    argv, code = sys.argv[:], 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_hydra(TASKS[command], command, argv=args)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_error_line(err: str, out: str = "") -> str:

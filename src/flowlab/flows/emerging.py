@@ -73,7 +73,7 @@ class MaskedConv(nn.Module):
     def _schedule(self, height: int, width: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         key = (height, width, str(device))
         if key not in self._schedules:
-            k, r = self.kernel_size, self.kernel_size // 2
+            r = self.kernel_size // 2
             wp = width + 2 * r
             ii, jj = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
             ii, jj = ii.flatten(), jj.flatten()
@@ -90,7 +90,7 @@ class MaskedConv(nn.Module):
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         b, c, h, w = y.shape
-        k, r = self.kernel_size, self.kernel_size // 2
+        r = self.kernel_size // 2
         kernel = self.kernel().to(y.dtype)
         centre = kernel[:, :, r, r]
         off = kernel.clone()

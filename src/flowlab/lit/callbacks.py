@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from flowlab.errors import ConfigError
-from flowlab.lit.images import image_grid, log_grid, pair_grid, reconstruct, sample_images, save_grid, temperature_tag
+from flowlab.lit.images import fixed_images, image_grid, log_grid, pair_grid, reconstruct, sample_images, save_grid, temperature_tag
 
 __all__ = ["StepCheckpoint", "SampleGrid", "ReconstructionGrid", "Throughput", "check_temperatures"]
 
@@ -130,23 +130,10 @@ class ReconstructionGrid(_EveryNSteps):
         self.n_images = _positive_int(n_images, "callbacks.reconstructions.n_images")
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _fixed_batch(self, trainer, pl_module) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self._batch is None:
-            dm = trainer.datamodule
-            ds = getattr(dm, "val_dataset", None) if dm is not None else None
-            if ds is None or len(ds) == 0:
-                ds = getattr(dm, "train_dataset", None) if dm is not None else None
-            if ds is None or len(ds) == 0:
-                return None
-            n = min(self.n_images, len(ds))
-            items = [ds[i] for i in range(n)]
-            x = torch.stack([torch.as_tensor(it[0]) for it in items])
-            index = torch.arange(n)
-            self._batch = (x, index)
-        return self._batch
-
     def _draw(self, trainer, pl_module, step: int) -> None:
-        batch = self._fixed_batch(trainer, pl_module)
+        if self._batch is None:
+            self._batch = fixed_images(trainer.datamodule, self.n_images)
+        batch = self._batch
         if batch is None:
             return
         x, index = batch

@@ -17,8 +17,23 @@ from torchvision.utils import make_grid, save_image
 
 from flowlab.data.transforms import postprocess
 
-__all__ = ["eval_mode", "sample_images", "reconstruct", "pair_grid", "image_grid", "save_grid", "log_grid",
+__all__ = ["fixed_images", "eval_mode", "sample_images", "reconstruct", "pair_grid", "image_grid", "save_grid", "log_grid",
            "temperature_tag"]
+
+
+def fixed_images(datamodule, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first ``n`` images of the validation set (else the training set) and their indices.
+
+    A fixed batch, so reconstructions and the invertibility monitor compare like with like from
+    step to step; None when the datamodule has no images.
+    """
+    dataset = getattr(datamodule, "val_dataset", None) if datamodule is not None else None
+    if dataset is None or len(dataset) == 0:
+        dataset = getattr(datamodule, "train_dataset", None) if datamodule is not None else None
+    if dataset is None or len(dataset) == 0:
+        return None
+    n = min(n, len(dataset))
+    return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(n)]), torch.arange(n)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from flowlab.errors import ConfigError, UserError
+from flowlab.lit.images import fixed_images, reconstruct
 
 __all__ = ["TrainingDiverged", "InvertibilityWarning", "InvertibilityMonitor", "stop_diverged", "checkpoint_dir",
            "mixing_weights", "check_max_consecutive_skips", "check_monitor_config"]
@@ -173,18 +174,6 @@ class InvertibilityMonitor(Callback):
             self._check(trainer, pl_module)
 
     # -- what ---------------------------------------------------------------------------------------------
-    def _fixed_batch(self, trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self._batch is None:
-            dm = trainer.datamodule
-            ds = getattr(dm, "val_dataset", None) if dm is not None else None
-            if ds is None or len(ds) == 0:
-                ds = getattr(dm, "train_dataset", None) if dm is not None else None
-            if ds is None or len(ds) == 0:
-                return None
-            n = min(self.n_images, len(ds))
-            self._batch = (torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)]), torch.arange(n))
-        return self._batch
-
     def threshold(self, n_bits: int) -> float:
         return self.recon_threshold if self.recon_threshold is not None else 1.0 / 2 ** (n_bits + 1)
 
@@ -195,10 +184,10 @@ class InvertibilityMonitor(Callback):
         self._last_step = step
         record: dict[str, Any] = {"step": step}
         metrics: dict[str, float] = {}
-        batch = self._fixed_batch(trainer)
+        if self._batch is None:
+            self._batch = fixed_images(trainer.datamodule, self.n_images)
+        batch = self._batch
         if batch is not None:
-            from flowlab.lit.images import reconstruct
-
             x, index = batch
             x = pl_module.dequantize_eval(x.to(pl_module.device), index.to(pl_module.device))
             _, err = reconstruct(pl_module.flow, x)
