@@ -225,3 +225,34 @@ def test_foreign_missing_and_corrupt_checkpoints(tmp_path, saved_checkpoint):
     cut.write_bytes(saved_checkpoint[0].read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated|corrupt"):
         load_checkpoint(cut)
+
+
+def test_fast_path_switches(monkeypatch):
+    """optim.fused picks the fused Adam kernel; optim.coupling_dtype=bfloat16 runs the coupling
+    networks in bfloat16 during training steps only (evaluation stays float32)."""
+    from flowlab.flows.coupling import CouplingNet
+    from flowlab.lit.module import FlowModule
+
+    model = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 1,
+             "hidden_channels": 8, "permutation": "nxn", "n_bits": 8}
+    optim = {"optimizer": "adam", "lr": 1e-3, "fused": True, "coupling_dtype": "bfloat16", "warmup_steps": 0}
+    module = FlowModule(model=model, optim=optim)
+    opt = module.configure_optimizers()
+    assert opt.defaults.get("fused") is True
+    module._train_coupling_dtype = module._resolve_coupling_dtype()
+    assert module._train_coupling_dtype == torch.bfloat16
+    seen = []
+    original = CouplingNet._forward
+
+    def spy(self, x):
+        seen.append((torch.is_autocast_enabled(x.device.type), self.compute_dtype))
+        return original(self, x)
+
+    monkeypatch.setattr(CouplingNet, "_forward", spy)
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    loss = module.training_step((x, torch.zeros(4, dtype=torch.long)), 0)
+    assert torch.isfinite(loss)
+    assert seen[-1] == (True, torch.bfloat16)  # the training forward (the ActNorm init pass before it: float32)
+    assert all(net.compute_dtype is None for net in module.flow.modules() if isinstance(net, CouplingNet))
+    auto = FlowModule(model=model, optim={**optim, "coupling_dtype": "auto"})
+    assert auto._resolve_coupling_dtype() is None  # on a CPU: float32

@@ -32,6 +32,7 @@ from flowlab.lit.noise import eval_uniform
 __all__ = ["FlowModule", "build_flow", "OPTIMIZERS", "ALLOWED_MODEL_PACKAGES"]
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
+COUPLING_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 #: ``_target_`` of a model config must name a class in one of these packages (checkpoints are data, not code)
 ALLOWED_MODEL_PACKAGES = ("flowlab.flows",)
 _MAX_DRAWS = 2**20  # evaluation metric key = image index * _MAX_DRAWS + draw
@@ -102,7 +103,9 @@ class FlowModule(pl.LightningModule):
         model: the flow's config (``_target_`` + constructor arguments), a plain dict.
         optim: ``optimizer`` (adam | adamax), ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``
             (linear warm-up), ``grad_clip`` (max global gradient norm or None), ``ema_decay`` (None: off),
-            ``max_consecutive_skips`` (stop after this many non-finite steps in a row; None/absent: never).
+            ``max_consecutive_skips`` (stop after this many non-finite steps in a row; None/absent: never),
+            ``fused`` (fused Adam kernels), ``coupling_dtype`` (auto | bfloat16 | float32: the coupling
+            networks' dtype in training steps; evaluation always runs in float32).
         eval_seed: seed of the validation/test dequantisation noise.
         seed: seed of the training noise (combined with the process rank).
         use_ema: evaluate (validation, test, images) with the EMA weights when they exist.
@@ -134,6 +137,7 @@ class FlowModule(pl.LightningModule):
         self._noise_gen: torch.Generator | None = None
         self._needs_init: bool | None = None
         self.skipped_steps = 0  # non-finite steps skipped in this run (saved in checkpoints)
+        self._train_coupling_dtype: torch.dtype | None = None  # resolved on the device in on_fit_start
         self._skip_streak = 0
         self._step_loss: torch.Tensor | None = None
         self._step_skipped = False
@@ -199,7 +203,19 @@ class FlowModule(pl.LightningModule):
 
         warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
 
+    def _resolve_coupling_dtype(self) -> torch.dtype | None:
+        value = self.hparams.optim.get("coupling_dtype")
+        if value in (None, "float32"):
+            return None
+        if value == "auto":
+            cuda = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if cuda else None
+        if value not in COUPLING_DTYPES:
+            raise ConfigError(f"optim.coupling_dtype={value!r} is unknown; allowed: auto, {', '.join(COUPLING_DTYPES)}")
+        return COUPLING_DTYPES[value]
+
     def on_fit_start(self) -> None:
+        self._train_coupling_dtype = self._resolve_coupling_dtype()
         self._noise_gen = None  # re-seed from (seed, rank, step): a resumed run continues with new noise
         self._needs_init = None
         self._skip_streak = 0
@@ -208,7 +224,15 @@ class FlowModule(pl.LightningModule):
         x = self.dequantize_train(batch[0])
         if self._flow_needs_init():
             self._initialize_flow(x)
-        bpd = self.flow.bits_per_dim(x)
+        set_dtype = getattr(self.flow, "set_coupling_dtype", None)
+        fast = self._train_coupling_dtype is not None and set_dtype is not None
+        if fast:  # only inside the training forward: backward follows the dtypes autocast recorded
+            set_dtype(self._train_coupling_dtype)
+        try:
+            bpd = self.flow.bits_per_dim(x)
+        finally:
+            if fast:
+                set_dtype(None)
         loss = bpd.mean()
         self._step_loss = loss.detach()
         self.train_bpd(bpd.detach())
@@ -245,6 +269,8 @@ class FlowModule(pl.LightningModule):
         kwargs = {"lr": float(o["lr"]), "weight_decay": float(o.get("weight_decay") or 0.0)}
         if o.get("betas") is not None:
             kwargs["betas"] = tuple(float(b) for b in o["betas"])
+        if o.get("fused"):  # one kernel per step; Adamax has no fused form, its multi-tensor one is next best
+            kwargs["fused" if name == "adam" else "foreach"] = True
         optimizer = OPTIMIZERS[name](self.flow.parameters(), **kwargs)
         warmup = int(o.get("warmup_steps") or 0)
         if warmup <= 0:
