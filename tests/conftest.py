@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.fakedata import SMALL_OVERRIDES, write_all
@@ -21,3 +23,13 @@ def fake_data_dir(tmp_path_factory):
 def fake_data_overrides():
     """Hydra overrides (batch size, validation share, workers) that fit the data of ``fake_data_dir``."""
     return list(SMALL_OVERRIDES)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service():
+    """An in-process ``wandb.init`` leaves ``WANDB_SERVICE`` (a socket of this process's W&B service)
+    in os.environ; a flowlab command started later as a subprocess would inherit it and talk to a
+    service that is not its own. Every test starts and ends without it, like a new shell."""
+    os.environ.pop("WANDB_SERVICE", None)
+    yield
+    os.environ.pop("WANDB_SERVICE", None)

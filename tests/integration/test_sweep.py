@@ -34,6 +34,7 @@ def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         pytest.skip(f"flowlab-train is not installed next to {sys.executable} (pip install -e .)")
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     env.pop("WANDB_PROJECT", None)
+    env.pop("WANDB_SERVICE", None)  # left by in-process W&B runs of earlier tests: not this command's service
     return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -216,6 +216,19 @@ def test_conv1x1_inverse_cache_follows_weight_changes():
         assert torch.allclose(second.double() @ layer.weight.double(), torch.eye(4, dtype=torch.float64), atol=1e-6)
         x, _ = layer(layer.inverse(y))
         assert torch.allclose(x, y, atol=1e-5)
+    # torch's fused Adam updates parameters without bumping their version counters: the cache
+    # must still notice (found by the soak test through a growing reconstruction error).
+    for lu in (False, True):
+        layer = InvertibleConv1x1(4, lu=lu).eval()
+        opt = torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)
+        with torch.no_grad():
+            layer.inverse(y)  # fills the cache
+        for p in layer.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        with torch.no_grad():
+            x, _ = layer(layer.inverse(y))
+        assert torch.allclose(x, y, atol=1e-5)
 
 
 def test_emerging_inverse_is_a_wavefront_not_a_pixel_loop():

@@ -209,12 +209,12 @@ def _check_ckpt_given(cfg: DictConfig, command: str) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     """Checks for ``flowlab-eval`` (the model comes from the checkpoint, the data from the config)."""
     _check_run_name(cfg)
-    _check_ckpt_given(cfg, "flowlab-eval")
     _check_data(cfg)
     _int(_get(cfg, "eval.draws", 1), "eval.draws", 1)
     split = _get(cfg, "eval.split", "test")
     if split not in ("test", "val"):
         raise ConfigError(f"eval.split={split!r} is not allowed: test or val")
+    _check_ckpt_given(cfg, "flowlab-eval")  # last: every value above is named even without a checkpoint
 
 
 def validate_sample_config(cfg: DictConfig) -> None:
@@ -222,7 +222,6 @@ def validate_sample_config(cfg: DictConfig) -> None:
     from flowlab.lit.callbacks import check_temperatures
 
     _check_run_name(cfg)
-    _check_ckpt_given(cfg, "flowlab-sample")
     check_temperatures(_get(cfg, "sample.temperatures", [1.0]), "sample.temperatures")
     _int(_get(cfg, "sample.n_samples", 1), "sample.n_samples", 1)
     nrow = _get(cfg, "sample.nrow", None)
@@ -231,3 +230,4 @@ def validate_sample_config(cfg: DictConfig) -> None:
     _int(_get(cfg, "sample.reconstructions", 0), "sample.reconstructions", 0)
     if _get(cfg, "sample.reconstructions", 0):
         _check_data(cfg)
+    _check_ckpt_given(cfg, "flowlab-sample")  # last: every value above is named even without a checkpoint

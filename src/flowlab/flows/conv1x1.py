@@ -35,7 +35,7 @@ class InvertibleConv1x1(nn.Module):
             self.log_s = nn.Parameter(torch.log(torch.abs(s)))
         else:
             self.weight = nn.Parameter(w)
-        self._inverse_cache: tuple[tuple, torch.Tensor] | None = None
+        self._inverse_cache: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
 
     # -- weight algebra ---------------------------------------------------------------------
     def _lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +56,8 @@ class InvertibleConv1x1(nn.Module):
             return exact(self.log_s).sum()
         return torch.linalg.slogdet(self.weight.double())[1].to(exact(self.weight).dtype)
 
-    def _version_key(self) -> tuple:
-        params = (self.L, self.U, self.log_s) if self.lu else (self.weight,)
-        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+    def _factor_params(self) -> tuple[torch.Tensor, ...]:
+        return (self.L, self.U, self.log_s) if self.lu else (self.weight,)
 
     def _compute_inverse(self) -> torch.Tensor:
         if not self.lu:
@@ -71,12 +70,21 @@ class InvertibleConv1x1(nn.Module):
         return (uinv_linv @ self.P.double().T).to(self.L.dtype)
 
     def inverse_matrix(self) -> torch.Tensor:
-        """``W⁻¹`` in float64 arithmetic, cached while in eval mode."""
+        """``W⁻¹`` in float64 arithmetic, cached while in eval mode without gradients.
+
+        The cache holds a copy of the parameters it was computed from and is used only while they
+        are unchanged (compared by value: version counters are not enough, torch's fused Adam
+        updates parameters without bumping them).
+        """
         if self.training or torch.is_grad_enabled():
             return self._compute_inverse()
-        key = self._version_key()
-        if self._inverse_cache is None or self._inverse_cache[0] != key:
-            self._inverse_cache = (key, self._compute_inverse())
+        params = self._factor_params()
+        cache = self._inverse_cache
+        fresh = cache is not None and all(
+            p.dtype == q.dtype and p.device == q.device and torch.equal(p, q) for p, q in zip(params, cache[0])
+        )
+        if not fresh:
+            self._inverse_cache = (tuple(p.detach().clone() for p in params), self._compute_inverse())
         return self._inverse_cache[1]
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
