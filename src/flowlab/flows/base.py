@@ -58,13 +58,21 @@ def check_image_size(image_size, L: int, squeezes: int | None = None) -> tuple[i
 class MultiScaleFlow(nn.Module):
     """x → z through ``levels``; after level l < L−1 a :class:`SplitPrior` factors out half the channels.
 
-    Subclasses fill ``self.levels`` (one ``nn.ModuleList`` of flow layers per level) by calling
+    The constructor checks the arguments every such model shares (ConfigError naming the key);
+    subclasses then fill ``self.levels`` (one ``nn.ModuleList`` of flow layers per level) by calling
     :meth:`add_level` and finish with :meth:`finish`.
     """
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], L: int, n_bits: int):
+    def __init__(self, in_channels: int, image_size, K: int, L: int, hidden_channels: int, n_bits: int,
+                 squeezes: int | None = None):
+        check_int("in_channels", in_channels, 1)
+        check_int("model.K", K, 1)
+        check_int("model.L", L, 1)
+        check_int("model.hidden_channels", hidden_channels, 1)
+        check_n_bits(n_bits)
+        height, width = check_image_size(image_size, L, squeezes)
         super().__init__()
-        self.in_channels, self.image_size, self.L, self.n_bits = in_channels, image_size, L, n_bits
+        self.in_channels, self.image_size, self.K, self.L, self.n_bits = in_channels, (height, width), K, L, n_bits
         self.levels = nn.ModuleList()
         self.splits = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []

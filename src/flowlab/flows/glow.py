@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .actnorm import ActNorm
-from .base import MultiScaleFlow, check_image_size, check_int, check_n_bits
+from .base import MultiScaleFlow
 from .conv1x1 import InvertibleConv1x1
 from .coupling import AdditiveCoupling, AffineCoupling
 from .emerging import EmergingConv
@@ -91,20 +91,14 @@ class Glow(MultiScaleFlow):
         n_bits: int = 8,
         kernel_size: int = 3,
     ):
-        check_int("in_channels", in_channels, 1)
-        check_int("model.K", K, 1)
-        check_int("model.L", L, 1)
-        check_int("model.hidden_channels", hidden_channels, 1)
-        check_n_bits(n_bits)
         if permutation not in PERMUTATIONS:
             raise ConfigError(f"model.permutation={permutation!r} is unknown; allowed: {', '.join(PERMUTATIONS)}")
         if coupling not in COUPLINGS:
             raise ConfigError(f"model.coupling={coupling!r} is unknown; allowed: {', '.join(COUPLINGS)}")
-        height, width = check_image_size(image_size, L)
-        super().__init__(in_channels, (height, width), L, n_bits)
-        self.K, self.permutation, self.coupling = K, permutation, coupling
+        super().__init__(in_channels, image_size, K, L, hidden_channels, n_bits)
+        self.permutation, self.coupling = permutation, coupling
 
-        shape = (in_channels, height, width)
+        shape = (in_channels, *self.image_size)
         for _ in range(L):
             channels, height, width = shape[0] * 4, shape[1] // 2, shape[2] // 2
             steps = [FlowStep(channels, hidden_channels, permutation, coupling, kernel_size) for _ in range(K)]

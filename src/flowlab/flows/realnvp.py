@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .actnorm import ActNorm
-from .base import MultiScaleFlow, check_image_size, check_int, check_n_bits
+from .base import MultiScaleFlow
 from .coupling import CouplingNet
 from .multiscale import Squeeze
 from .utils import exact, sum_except_batch
@@ -114,15 +114,8 @@ class RealNVP(MultiScaleFlow):
         learn_top: bool = False,
         n_bits: int = 8,
     ):
-        check_int("in_channels", in_channels, 1)
-        check_int("model.K", K, 1)
-        check_int("model.L", L, 1)
-        check_int("model.hidden_channels", hidden_channels, 1)
-        check_n_bits(n_bits)
         # Every level but the last squeezes once; the last works at the resolution it gets.
-        height, width = check_image_size(image_size, L, squeezes=L - 1)
-        super().__init__(in_channels, (height, width), L, n_bits)
-        self.K = K
+        super().__init__(in_channels, image_size, K, L, hidden_channels, n_bits, squeezes=L - 1)
         self.permutation = "realnvp"
 
         def checker(c: int, count: int) -> list[nn.Module]:
@@ -131,7 +124,7 @@ class RealNVP(MultiScaleFlow):
         def channelwise(c: int, count: int) -> list[nn.Module]:
             return [_NormThenCoupling(c, ChannelCoupling(c, hidden_channels, flip=bool(i % 2))) for i in range(count)]
 
-        shape = (in_channels, height, width)
+        shape = (in_channels, *self.image_size)
         for level in range(L):
             c, h, w = shape
             if level < L - 1:
