@@ -100,9 +100,11 @@ class MultiScaleFlow(nn.Module):
         """
         from .coupling import CouplingNet
 
-        for module in self.modules():
-            if isinstance(module, CouplingNet):
-                module.compute_dtype = dtype
+        nets = self.__dict__.get("_coupling_nets")
+        if nets is None:  # found once: the training step sets and resets the dtype every step
+            nets = self.__dict__["_coupling_nets"] = [m for m in self.modules() if isinstance(m, CouplingNet)]
+        for net in nets:
+            net.compute_dtype = dtype
         return self
 
     @property
