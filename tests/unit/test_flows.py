@@ -51,6 +51,13 @@ def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
+def prepared(model, x: torch.Tensor, scale: float = 0.05, seed: int = 1):
+    """ActNorm initialised on ``x``, every parameter perturbed, eval mode: a model as tests want it."""
+    model.initialize(x)
+    perturb(model, scale, seed)
+    return model.eval()
+
+
 def brute_force_logdet(fn, x: torch.Tensor) -> torch.Tensor:
     """log|det J| of fn at a single sample x [1, ...] via the dense autograd Jacobian."""
     jac = torch.autograd.functional.jacobian(lambda v: fn(v.view_as(x)).flatten(), x.flatten())
@@ -82,9 +89,7 @@ def test_glow_inverse_and_logdet(permutation, coupling):
     model = Glow(in_channels=2, image_size=8, K=2, L=2, hidden_channels=16, permutation=permutation, coupling=coupling)
     model = model.double()
     x = torch.rand(4, 2, 8, 8, dtype=torch.float64) - 0.5
-    model.initialize(x)
-    perturb(model)
-    model.eval()
+    prepared(model, x)
     zs, logdet = model.encode(x)
     assert [tuple(z.shape[1:]) for z in zs] == model.latent_shapes
     assert (model.decode(zs) - x).abs().max() <= 1e-8
@@ -97,9 +102,7 @@ def test_glow_float32_roundtrip(permutation):
     torch.manual_seed(0)
     model = Glow(3, 16, K=3, L=3, hidden_channels=32, permutation=permutation)
     x = torch.rand(4, 3, 16, 16) - 0.5
-    model.initialize(x)
-    perturb(model, 0.02)
-    model.eval()
+    prepared(model, x, 0.02)
     with torch.no_grad():
         zs, _ = model.encode(x)
         assert (model.decode(zs) - x).abs().max() <= 1e-4
@@ -146,9 +149,7 @@ def test_sample_temperature_zero_is_deterministic_and_samples_finite():
     torch.manual_seed(0)
     model = Glow(1, 8, K=2, L=2, hidden_channels=16, permutation="nxn")
     x = torch.rand(8, 1, 8, 8) - 0.5
-    model.initialize(x)
-    perturb(model, 0.02)
-    model.eval()
+    prepared(model, x, 0.02)
     a = model.sample(3, temperature=0.0)
     torch.manual_seed(123)
     b = model.sample(3, temperature=0.0)
@@ -258,9 +259,7 @@ def test_realnvp_inverse_and_logdet(L):
     torch.manual_seed(0)
     model = RealNVP(in_channels=2, image_size=8, K=2, L=L, hidden_channels=16).double()
     x = torch.rand(4, 2, 8, 8, dtype=torch.float64) - 0.5
-    model.initialize(x)
-    perturb(model)
-    model.eval()
+    prepared(model, x)
     zs, logdet = model.encode(x)
     assert len(zs) == L and [tuple(z.shape[1:]) for z in zs] == model.latent_shapes
     assert (model.decode(zs) - x).abs().max() <= 1e-8
@@ -289,9 +288,7 @@ def test_bf16_coupling_networks_keep_the_flow_exact():
     torch.manual_seed(0)
     model = Glow(3, 16, K=2, L=2, hidden_channels=32, permutation="nxn")
     x = torch.rand(4, 3, 16, 16) - 0.5
-    model.initialize(x)
-    perturb(model, 0.02)
-    model.eval()
+    prepared(model, x, 0.02)
     reference = model.bits_per_dim(x)
     model.set_coupling_dtype(torch.bfloat16)
     with torch.no_grad():

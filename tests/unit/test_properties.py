@@ -19,7 +19,7 @@ from flowlab.flows import (
     Shuffle,
 )
 
-from .test_flows import brute_force_logdet
+from .test_flows import brute_force_logdet, prepared
 
 FACTORIES = {
     "actnorm": lambda c, k, w: ActNorm(c),
@@ -88,11 +88,7 @@ def test_glow_is_exactly_invertible(permutation, coupling, channels, L, K, hidde
     model = Glow(channels, size, K=K, L=L, hidden_channels=hidden, permutation=permutation, coupling=coupling)
     model = model.double()
     x = torch.rand(3, channels, size, size, dtype=torch.float64) - 0.5
-    model.initialize(x)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    prepared(model, x, 0.05, seed)
     zs, logdet = model.encode(x)
     assert (model.decode(zs) - x).abs().max() <= 1e-8
     expected = brute_force_logdet(lambda v: torch.cat([z.flatten() for z in model.encode(v)[0]]), x[:1])
