@@ -49,7 +49,12 @@ def test_quick_run_writes_complete_json(quick_run):
     assert result["schema"] == "flowlab-bench/1"
     assert result["env"]["torch"] == torch.__version__ and result["env"]["cpu"]
     assert result["env"]["command"].startswith("flowlab-bench --quick")
-    assert [m["model"] for m in result["models"]] == ["conv1x1_lu", "reference"]
+    # flowlab with the training defaults, the same model in plain float32 eager, then the reference
+    assert [(m["model"], m.get("variant")) for m in result["models"]] == [
+        ("conv1x1_lu", None), ("conv1x1_lu", "plain"), ("reference", None)]
+    assert result["models"][0]["switches"] == result["switches"]["flowlab"] != "fp32 eager"
+    assert "channels_last" in result["switches"]["flowlab"] and "fused_adam" in result["switches"]["flowlab"]
+    assert result["models"][1]["switches"] == result["models"][2]["switches"] == "fp32 eager"
     for m in result["models"]:
         assert isinstance(m["params"], int) and m["params"] > 0
         for key in ("train_images_per_s", "eval_images_per_s", "sample_images_per_s"):
@@ -63,7 +68,13 @@ def test_quick_run_writes_complete_json(quick_run):
         assert 0 <= m["max_reconstruction_error"] < 1e-4  # float32, exact flows
     ratio = result["ratio"]
     assert ratio["numerator"] == "conv1x1_lu" and ratio["denominator"] == "reference"
-    assert ratio["value"] == pytest.approx(ratio["numerator_images_per_s"] / ratio["reference_images_per_s"])
+    rows = {(m["model"], m.get("variant")): m["train_images_per_s"]["median"] for m in result["models"]}
+    assert ratio["sequential_value"] == pytest.approx(rows["conv1x1_lu", None] / rows["reference", None])
+    assert ratio["plain_value"] == pytest.approx(rows["conv1x1_lu", "plain"] / rows["reference", None])
+    paired = ratio["paired"]  # the goal's ratio: both models timed in alternating rounds
+    assert paired["rounds"] == 10 and paired["numerator_switches"] == result["switches"]["flowlab"]
+    assert ratio["value"] == paired["ratio"]["median"] and _finite_positive(ratio["value"])
+    assert paired["ratio"]["q1"] <= ratio["value"] <= paired["ratio"]["q3"]
 
 
 def test_quick_run_layers_and_markdown(quick_run):
@@ -81,7 +92,9 @@ def test_quick_run_layers_and_markdown(quick_run):
     assert conv["params"] == c * c * hw + c
     assert any(cl["claim"].startswith("n x n conv has fewer parameters") and cl["holds"] for cl in result["claims"])
     text = _only(out, "bench_*.md").read_text()
-    assert "| model | params | train img/s" in text and "| reference |" in text and "conv1x1_lu` / reference" in text
+    assert "| model | params | train img/s" in text and "| reference |" in text
+    assert f"conv1x1_lu`, {result['switches']['flowlab']} / reference: " in text
+    assert "| conv1x1_lu (fp32 eager) |" in text and "alternating rounds" in text
 
 
 def _perturbed_double(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
@@ -148,8 +161,8 @@ def test_reference_samples_and_architecture():
 
 
 def test_check_bpd_same_data_and_init_give_identical_runs(tmp_path):
-    """With no fast-path switch on the CPU the two runs are the same computation: difference exactly 0."""
-    code = cli.run(["--quick", "--device", "cpu", "--check-bpd", "3", "--check-images", "48",
+    """With no fast-path switch (--plain) the two runs are the same computation: difference exactly 0."""
+    code = cli.run(["--quick", "--device", "cpu", "--plain", "--check-bpd", "3", "--check-images", "48",
                     "--check-eval-every", "2", "--out", str(tmp_path)])
     result = json.loads(_only(tmp_path, "check_*.json").read_text())
     assert code == 0 and result["passed"] and result["complete"]
@@ -232,3 +245,28 @@ def test_bench_imports_torch_only():
             "{'hydra', 'omegaconf', 'wandb', 'lightning', 'pytorch_lightning', 'torchmetrics'})\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_default_switches_are_the_training_fast_path():
+    """Without switches the benchmark times flowlab as conf/train.yaml trains it; --plain turns all of it off."""
+    from flowlab.bench.switches import Switches
+    from flowlab.flows.precision import bf16_is_fast
+
+    parser, cpu = cli.build_parser(), torch.device("cpu")
+    fast = cli._switches(parser.parse_args([]), cpu)
+    assert fast.fused_adam and fast.channels_last and fast.amp == ("bf16" if bf16_is_fast(cpu) else "off")
+    assert cli._switches(parser.parse_args(["--plain", "--amp"]), cpu) == Switches.plain()
+    assert cli._switches(parser.parse_args(["--dtype", "float32", "--no-channels-last"]), cpu).amp == "off"
+    assert not cli._switches(parser.parse_args(["--no-channels-last"]), cpu).channels_last
+
+    glow = _flowlab_lu_glow(in_channels=3, image_size=8, K=2, L=1, hidden_channels=8)
+    ref = ReferenceGlow(in_channels=3, image_size=8, K=1, L=1, hidden_channels=8)
+    sw = Switches(amp="bf16", channels_last=True)
+    assert sw.prepare_model(glow) is glow  # flowlab: the coupling networks only, the flow's stream stays NCHW
+    nets = [m for m in glow.modules() if hasattr(m, "channels_last")]
+    assert nets and all(m.channels_last and m.compute_dtype == torch.bfloat16 for m in nets)
+    x = torch.rand(2, 3, 8, 8)
+    assert sw.prepare_input(x, glow).is_contiguous()
+    assert sw.prepare_input(x, ref).is_contiguous(memory_format=torch.channels_last)
+    ref = sw.prepare_model(ref)
+    assert ref.blocks[0].flows[0].coupling.net[0].conv.weight.is_contiguous(memory_format=torch.channels_last)

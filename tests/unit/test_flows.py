@@ -11,6 +11,7 @@ from flowlab.flows import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
+    CouplingNet,
     EmergingConv,
     Glow,
     InvertibleConv1x1,
@@ -290,10 +291,59 @@ def test_bf16_coupling_networks_keep_the_flow_exact():
     x = torch.rand(4, 3, 16, 16) - 0.5
     prepared(model, x, 0.02)
     reference = model.bits_per_dim(x)
-    model.set_coupling_dtype(torch.bfloat16)
+    model.set_coupling_dtype(torch.bfloat16, channels_last=True)
     with torch.no_grad():
         zs, logdet = model.encode(x)
         assert logdet.dtype == torch.float32 and all(z.dtype == torch.float32 for z in zs)
         assert (model.decode(zs) - x).abs().max() <= 1e-5
         fast = model.bits_per_dim(x)
     assert (fast - reference).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("permutation", PERMUTATIONS)
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_level_batched_weights_equal_step_by_step(permutation, coupling):
+    """Glow computes the K steps' weights of a level together (flows/batched.py): the same values and
+    gradients as every step computing its own (MultiScaleFlow's step-by-step level)."""
+    from flowlab.flows import MultiScaleFlow
+
+    torch.manual_seed(0)
+    model = Glow(3, 8, K=3, L=2, hidden_channels=8, permutation=permutation, coupling=coupling).double()
+    x = (torch.rand(4, 3, 8, 8) - 0.5).double()
+    prepared(model, x)
+    model.train()  # the training path (every ActNorm initialised)
+
+    def run(level_fn):
+        model.zero_grad()
+        model._encode_level = level_fn.__get__(model)
+        try:
+            log_prob = model.log_prob(x)
+        finally:
+            del model._encode_level
+        log_prob.sum().backward()
+        return log_prob.detach(), [p.grad.clone() for p in model.parameters()]
+
+    batched, batched_grads = run(Glow._encode_level)
+    stepwise, stepwise_grads = run(MultiScaleFlow._encode_level)
+    torch.testing.assert_close(batched, stepwise, rtol=1e-12, atol=1e-10)
+    for g_batched, g_stepwise in zip(batched_grads, stepwise_grads):
+        torch.testing.assert_close(g_batched, g_stepwise, rtol=1e-10, atol=1e-10)
+
+
+def test_channels_last_coupling_network_is_the_same_map():
+    """``channels_last`` changes the memory layout of the coupling network, not what it computes."""
+    torch.manual_seed(0)
+    net = CouplingNet(6, 12, 32)
+    x = torch.randn(4, 6, 8, 8, requires_grad=True)
+    net(x)  # ActNorm initialisation
+    perturb(net)
+    outputs = []
+    for channels_last in (False, True):
+        net.channels_last = channels_last
+        y = net(x)
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, *net.parameters()])
+        outputs.append((y.detach(), grads))
+    (y0, g0), (y1, g1) = outputs
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # float32 sums in another order

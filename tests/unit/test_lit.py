@@ -229,30 +229,39 @@ def test_foreign_missing_and_corrupt_checkpoints(tmp_path, saved_checkpoint):
 
 def test_fast_path_switches(monkeypatch):
     """optim.fused picks the fused Adam kernel; optim.coupling_dtype=bfloat16 runs the coupling
-    networks in bfloat16 during training steps only (evaluation stays float32)."""
+    networks in bfloat16 during training steps only (evaluation stays float32);
+    optim.coupling_channels_last lays their activations out channels-last, always."""
     from flowlab.flows.coupling import CouplingNet
     from flowlab.lit.module import FlowModule
 
-    model = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 1,
+    model = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 2, "L": 1,
              "hidden_channels": 8, "permutation": "nxn", "n_bits": 8}
-    optim = {"optimizer": "adam", "lr": 1e-3, "fused": True, "coupling_dtype": "bfloat16", "warmup_steps": 0}
+    optim = {"optimizer": "adam", "lr": 1e-3, "fused": True, "coupling_dtype": "bfloat16", "warmup_steps": 0,
+             "coupling_channels_last": True, "ema_decay": 0.99}
     module = FlowModule(model=model, optim=optim)
     opt = module.configure_optimizers()
     assert opt.defaults.get("fused") is True
     module._train_coupling_dtype = module._resolve_coupling_dtype()
     assert module._train_coupling_dtype == torch.bfloat16
+    nets = [m for m in module.modules() if isinstance(m, CouplingNet)]  # the flow's and the EMA copy's
+    assert len(nets) == 4 and all(net.channels_last for net in nets)
     seen = []
-    original = CouplingNet._forward
+    original = CouplingNet.forward
 
-    def spy(self, x):
-        seen.append((torch.is_autocast_enabled(x.device.type), self.compute_dtype))
-        return original(self, x)
+    def spy(self, x, weights=None):
+        seen.append((self.compute_dtype, None if weights is None else weights[0].dtype))
+        return original(self, x, weights)
 
-    monkeypatch.setattr(CouplingNet, "_forward", spy)
+    monkeypatch.setattr(CouplingNet, "forward", spy)
     x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     loss = module.training_step((x, torch.zeros(4, dtype=torch.long)), 0)
     assert torch.isfinite(loss)
-    assert seen[-1] == (True, torch.bfloat16)  # the training forward (the ActNorm init pass before it: float32)
+    # the training forward, with the level's weights computed together, in bfloat16 (the ActNorm
+    # initialisation pass before it runs in float32)
+    assert seen[-2:] == [(torch.bfloat16, torch.bfloat16)] * 2
     assert all(net.compute_dtype is None for net in module.flow.modules() if isinstance(net, CouplingNet))
+    plain = FlowModule(model=model, optim={**optim, "coupling_channels_last": False})
+    assert not any(net.channels_last for net in plain.modules() if isinstance(net, CouplingNet))
+    monkeypatch.setattr("flowlab.lit.module.fast_coupling_dtype", lambda device: None)
     auto = FlowModule(model=model, optim={**optim, "coupling_dtype": "auto"})
-    assert auto._resolve_coupling_dtype() is None  # on a CPU: float32
+    assert auto._resolve_coupling_dtype() is None  # where bfloat16 is not native: float32

@@ -33,11 +33,14 @@ from .presets import Preset
 from .switches import Switches, set_tf32
 
 
-def _float32_couplings(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
-    """Turn off reduced-precision coupling networks (flowlab's ``compute_dtype``); returns what to restore."""
-    saved = [(m, m.compute_dtype) for m in model.modules() if hasattr(m, "compute_dtype")]
-    for module, _ in saved:
+def _float32_couplings(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object, object]]:
+    """Plain float32 NCHW coupling networks (flowlab's ``compute_dtype`` and ``channels_last`` off);
+    returns what to restore."""
+    saved = [(m, m.compute_dtype, getattr(m, "channels_last", False)) for m in model.modules()
+             if hasattr(m, "compute_dtype")]
+    for module, _, _ in saved:
         module.compute_dtype = None
+        module.channels_last = False
     return saved
 
 
@@ -62,7 +65,7 @@ class _Run:
         for _ in range(steps):
             for group in self.opt.param_groups:
                 group["lr"] = self.lr * min(1.0, (self.step + 1) / max(1, self.warmup_steps))
-            x = self.switches.prepare_input(stream.batch(self.step))
+            x = self.switches.prepare_input(stream.batch(self.step), self.model)
             self.opt.zero_grad(set_to_none=True)
             loss = self.loss_fn(x)
             loss.backward()
@@ -88,11 +91,11 @@ class _Run:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         for x in stream.eval_batches(batch):
-            x = self.switches.prepare_input(x) if fast else x
+            x = self.switches.prepare_input(x, self.model) if fast else x
             total += fn(x).double().sum()
             count += x.shape[0]
-        for module, dtype in saved:
-            module.compute_dtype = dtype
+        for module, dtype, channels_last in saved:
+            module.compute_dtype, module.channels_last = dtype, channels_last
         self.model.train()
         return float(total.item()) / count
 

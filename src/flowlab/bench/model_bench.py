@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import math
 import sys
+import time
 
 import torch
 
@@ -23,7 +24,7 @@ from .memory import PeakMemory
 from .models import build_model, count_parameters, initialize_actnorm
 from .presets import Preset
 from .switches import Switches
-from .timing import rate_stats, time_per_call
+from .timing import Stats, rate_stats, synchronize, time_per_call
 
 
 def log(msg: str) -> None:
@@ -41,61 +42,75 @@ def reconstruction_error(model: torch.nn.Module, x: torch.Tensor, switches: Swit
     return float((recon.float() - x.float()).abs().max().item())
 
 
+class TrainingRun:
+    """One model ready to be timed: built, switches applied, ActNorm initialised, optimiser made.
+
+    ``step()`` is one training step as the module docstring defines it.
+    """
+
+    def __init__(self, name: str, preset: Preset, device: torch.device, switches: Switches, *, lr: float = 1e-3,
+                 lr_warmup: int = 200, seed: int = 0):
+        torch.manual_seed(seed)
+        switches.activate(device)
+        self.name, self.switches, self.device, self.lr, self.lr_warmup = name, switches, device, lr, lr_warmup
+        model = build_model(name, preset, switches.glow_kwargs).to(device)
+        self.model = model = switches.prepare_model(model)
+        self.batches = [switches.prepare_input(x, model) for x in benchmark_batches(
+            4, preset.batch, preset.in_channels, preset.image_size, preset.n_bits, device, seed=seed)]
+        initialize_actnorm(model, self.batches[0])
+        model.train()
+        self.eager_loss = lambda x: model.bits_per_dim(x).mean()
+        self.opt = switches.optimizer(model.parameters(), lr, device)
+        self.loss_fn = switches.wrap(self.eager_loss, device, model)
+        self.steps_done = 0
+        self.loss: torch.Tensor | None = None
+
+    def step(self) -> None:
+        x = self.batches[self.steps_done % len(self.batches)]
+        self.steps_done += 1
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * min(1.0, self.steps_done / max(1, self.lr_warmup))
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(x)
+        loss.backward()
+        self.opt.step()
+        self.loss = loss
+
+
 def bench_model(name: str, preset: Preset, device: torch.device, switches: Switches, *, lr: float = 1e-3,
                 lr_warmup: int = 200, seed: int = 0, peak_flops: float | None = None, count_flops: bool = True) -> dict:
     """Every whole-model number for ``name``; see the module docstring."""
-    torch.manual_seed(seed)
-    switches.activate(device)
-    model = build_model(name, preset, switches.glow_kwargs).to(device)
-    model = switches.prepare_model(model)
+    run = TrainingRun(name, preset, device, switches, lr=lr, lr_warmup=lr_warmup, seed=seed)
+    model, batches = run.model, run.batches
     result: dict = {"model": name, "switches": switches.label(), "amp_applied": switches.amp_applied(model),
                     "params": count_parameters(model)}
-
-    batches = [switches.prepare_input(x) for x in benchmark_batches(
-        4, preset.batch, preset.in_channels, preset.image_size, preset.n_bits, device, seed=seed)]
-    initialize_actnorm(model, batches[0])
     result["max_reconstruction_error_init"] = reconstruction_error(model, batches[2], switches, device)
-    model.train()
-
-    def eager_loss(x):
-        return model.bits_per_dim(x).mean()
 
     if count_flops:
         with switches.autocast(device, model):
-            flops = training_flops(eager_loss, model, batches[0])
+            flops = training_flops(run.eager_loss, model, batches[0])
         result["flops_per_image"] = flops / preset.batch
 
     # -- training ------------------------------------------------------------------------
-    opt = switches.optimizer(model.parameters(), lr, device)
-    loss_fn = switches.wrap(eager_loss, device, model)
-    state = {"i": 0, "loss": None}
-
-    def train_step():
-        x = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, state["i"] / max(1, lr_warmup))
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(x)
-        loss.backward()
-        opt.step()
-        state["loss"] = loss
-
+    train_step = run.step
     with PeakMemory(device) as mem:
         secs = time_per_call(train_step, device, warmup=preset.warmup, repeats=preset.repeats, inner=preset.steps)
     train = rate_stats(secs, preset.batch)
     result["train_images_per_s"] = train.to_dict()
     result["train_step_ms"] = 1e3 * sorted(secs)[len(secs) // 2]
     result["train_steps_timed"] = preset.repeats * preset.steps
-    result["final_train_loss"] = float(state["loss"].detach().float().item())
+    result["final_train_loss"] = float(run.loss.detach().float().item())
     result["peak_memory"] = mem.to_dict()
     if "flops_per_image" in result and peak_flops:
         result["mfu"] = mfu(result["flops_per_image"], train.median, peak_flops)
         result["achieved_tflops"] = result["flops_per_image"] * train.median / 1e12
-    opt.zero_grad(set_to_none=True)
-    del opt
+    run.opt.zero_grad(set_to_none=True)
+    del run
 
     # -- evaluation and sampling ---------------------------------------------------------
+    if switches.native_amp(model):  # as the platform does: reduced precision in training steps only
+        model.set_coupling_dtype(None)
+        result["eval_dtype"] = "float32 (coupling networks; reduced precision is for training steps)"
     model.eval()
     eval_fn = switches.wrap(lambda x: model.bits_per_dim(x), device, model)
     sample_fn = switches.wrap(lambda n: model.sample(n), device, model)
@@ -125,3 +140,39 @@ def bench_model(name: str, preset: Preset, device: torch.device, switches: Switc
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def bench_ratio(numerator: tuple[str, Switches], denominator: tuple[str, Switches], preset: Preset,
+                device: torch.device, *, rounds: int, steps: int, lr: float = 1e-3, lr_warmup: int = 200,
+                seed: int = 0) -> dict:
+    """Training speed of two models timed in alternation, for their ratio.
+
+    Both models are built and warmed up, then timed in ``rounds`` rounds of ``steps`` steps each, in
+    the order A B, B A, A B, ... so that a change in the machine's speed during the run (other
+    tenants, clock changes) hits both alike. The ratio is the median over rounds of
+    ``images/s(A) / images/s(B)`` within the round.
+    """
+    a = TrainingRun(numerator[0], preset, device, numerator[1], lr=lr, lr_warmup=lr_warmup, seed=seed)
+    b = TrainingRun(denominator[0], preset, device, denominator[1], lr=lr, lr_warmup=lr_warmup, seed=seed)
+    for _ in range(max(1, preset.warmup)):
+        a.step()
+        b.step()
+    secs: dict[str, list[float]] = {"a": [], "b": []}
+    for r in range(rounds):
+        for key, run in ((("a", a), ("b", b)) if r % 2 == 0 else (("b", b), ("a", a))):
+            run.switches.activate(device)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                run.step()
+            synchronize(device)
+            secs[key].append((time.perf_counter() - start) / steps)
+    ratios = [tb / ta for ta, tb in zip(secs["a"], secs["b"])]
+    del a, b
+    gc.collect()
+    return {"numerator": numerator[0], "numerator_switches": numerator[1].label(),
+            "denominator": denominator[0], "denominator_switches": denominator[1].label(),
+            "rounds": rounds, "steps_per_round": steps,
+            "numerator_images_per_s": rate_stats(secs["a"], preset.batch).to_dict(),
+            "denominator_images_per_s": rate_stats(secs["b"], preset.batch).to_dict(),
+            "ratio": Stats.of(ratios).to_dict()}

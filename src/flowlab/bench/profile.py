@@ -25,7 +25,7 @@ def profile_training(name: str, preset: Preset, device: torch.device, switches: 
     torch.manual_seed(seed)
     switches.activate(device)
     model = switches.prepare_model(build_model(name, preset, switches.glow_kwargs).to(device))
-    batches = [switches.prepare_input(x) for x in benchmark_batches(
+    batches = [switches.prepare_input(x, model) for x in benchmark_batches(
         2, preset.batch, preset.in_channels, preset.image_size, preset.n_bits, device, seed=seed)]
     initialize_actnorm(model, batches[0])
     model.train()

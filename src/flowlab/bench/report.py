@@ -74,7 +74,8 @@ def markdown(result: dict) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in models:
             train, iqr = _rate(m.get("train_images_per_s"))
-            row = [m["model"], f"{m['params'] / 1e6:.2f} M", train, iqr, _rate(m.get("eval_images_per_s"))[0],
+            name = m["model"] if "variant" not in m else f"{m['model']} ({m['switches']})"
+            row = [name, f"{m['params'] / 1e6:.2f} M", train, iqr, _rate(m.get("eval_images_per_s"))[0],
                    _rate(m.get("sample_images_per_s"))[0], _num(m["peak_memory"]["peak_mib"], 0),
                    f"{_sci(m.get('max_reconstruction_error_init'))} / {_sci(m.get('max_reconstruction_error'))}",
                    f"{m['flops_per_image'] / 1e9:.3g}" if "flops_per_image" in m else "n/a"]
@@ -87,8 +88,18 @@ def markdown(result: dict) -> str:
                       models[0]["peak_memory"]["baseline_mib"]) if kind.startswith("r") else "") + "."]
     ratio = result.get("ratio")
     if ratio and ratio.get("value") is not None:
-        lines += ["", f"**Training speed, flowlab `{ratio['numerator']}` / reference: {ratio['value']:.2f}×** "
-                      f"({_num(ratio['numerator_images_per_s'])} vs {_num(ratio['reference_images_per_s'])} images/s)"]
+        switches = f", {ratio['numerator_switches']}" if ratio.get("numerator_switches") else ""
+        paired = ratio.get("paired")
+        how = (f"median of {paired['rounds']} alternating rounds of {paired['steps_per_round']} steps, IQR "
+               f"{paired['ratio']['q1']:.2f}–{paired['ratio']['q3']:.2f}; the rows above, timed one after the "
+               f"other, give {ratio['sequential_value']:.2f}×" if paired else "the rows above, timed one after the other")
+        lines += ["", f"**Training speed, flowlab `{ratio['numerator']}`{switches} / reference: {ratio['value']:.2f}×** "
+                      f"({_num(ratio['numerator_images_per_s'])} vs {_num(ratio['reference_images_per_s'])} images/s; "
+                      f"{how})"]
+        if ratio.get("plain_value") is not None:
+            lines.append(f"(flowlab `{ratio['numerator']}` in plain float32 eager / reference: {ratio['plain_value']:.2f}×, "
+                         f"{_num(ratio['plain_images_per_s'])} images/s, sequential: what the model's own restructuring "
+                         f"gives without reduced precision or layout changes)")
     if result.get("goals"):
         lines += ["", "### Goals (issue 6)", "", "| goal | measured | target | met |", "|---|---|---|---|"]
         for g in result["goals"]:

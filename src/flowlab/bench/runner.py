@@ -18,7 +18,7 @@ from flowlab.errors import UserError
 from .env import environment
 from .flops import H200_BF16_PEAK
 from .layer_bench import LAYERS, bench_layers, claims
-from .model_bench import bench_model, log
+from .model_bench import bench_model, bench_ratio, log
 from .models import RATIO_MODEL, REFERENCE, flows_available
 from .presets import Preset
 from .switches import Switches
@@ -52,6 +52,8 @@ class BenchConfig:
     models: list[str]
     switches: Switches = field(default_factory=Switches)
     reference_fast: bool = False
+    plain_row: bool = True  # also time RATIO_MODEL in plain float32 eager when the switches are not plain
+    paired_rounds: int = 10  # alternating rounds for the ratio (0: the ratio of the sequential rows)
     layers: bool = True
     layer_names: tuple[str, ...] = LAYERS
     lr: float = 1e-3
@@ -65,7 +67,7 @@ class BenchConfig:
 
 def _goals(result: dict, preset: Preset, device: torch.device) -> list[dict]:
     goals = []
-    by_name = {m["model"]: m for m in result["models"]}
+    by_name = {m["model"]: m for m in result["models"] if "variant" not in m}
     ratio = result["ratio"]["value"]
     if ratio is not None and preset.name == "cpu":
         goals.append({"goal": f"CPU preset: flowlab {RATIO_MODEL} / reference training images/s", "value": ratio,
@@ -99,26 +101,55 @@ def run(config: BenchConfig, on_progress: Callable[[dict], None] | None = None) 
         "peak_flops": config.peak_flops if report_mfu else None,
         "models": [],
     }
-    for name in config.models:
-        switches = ref_switches if name == REFERENCE else config.switches
-        log(f"model {name} ({switches.label()}) ...")
+    runs = [(name, ref_switches if name == REFERENCE else config.switches, None) for name in config.models]
+    if config.plain_row and RATIO_MODEL in config.models and not config.switches.is_plain:
+        plain = (RATIO_MODEL, Switches.plain(config.switches.tf32), "plain")
+        at = config.models.index(REFERENCE) if REFERENCE in config.models else len(runs)
+        runs.insert(at, plain)  # timed next to the reference
+    for name, switches, variant in runs:
+        label = name if variant is None else f"{name} ({switches.label()})"
+        log(f"model {label} ({switches.label()}) ...")
         r = bench_model(name, preset, device, switches, lr=config.lr, lr_warmup=config.lr_warmup, seed=config.seed,
                         peak_flops=config.peak_flops if report_mfu else None, count_flops=config.count_flops)
-        log(f"model {name}: train {r['train_images_per_s']['median']:.1f} img/s, "
+        if variant is not None:
+            r["variant"] = variant
+        log(f"model {label}: train {r['train_images_per_s']['median']:.1f} img/s, "
             f"eval {r['eval_images_per_s']['median']:.1f} img/s, sample {r['sample_images_per_s']['median']:.1f} img/s")
         result["models"].append(r)
         gc.collect()
         if on_progress:
             on_progress({**result, "complete": False})
 
-    by_name = {m["model"]: m for m in result["models"]}
+    by_name = {m["model"]: m for m in result["models"] if "variant" not in m}
+    plain_num = next((m for m in result["models"] if m.get("variant") == "plain"), None)
     num, den = by_name.get(RATIO_MODEL), by_name.get(REFERENCE)
     result["ratio"] = {
         "numerator": RATIO_MODEL, "denominator": REFERENCE,
-        "numerator_images_per_s": num["train_images_per_s"]["median"] if num else None,
-        "reference_images_per_s": den["train_images_per_s"]["median"] if den else None,
-        "value": (num["train_images_per_s"]["median"] / den["train_images_per_s"]["median"]) if num and den else None,
+        "numerator_switches": num["switches"] if num else None,
+        # sequential: each model's own row above, timed one after the other
+        "sequential_numerator_images_per_s": num["train_images_per_s"]["median"] if num else None,
+        "sequential_reference_images_per_s": den["train_images_per_s"]["median"] if den else None,
+        "sequential_value": (num["train_images_per_s"]["median"] / den["train_images_per_s"]["median"])
+        if num and den else None,
+        "plain_images_per_s": plain_num["train_images_per_s"]["median"] if plain_num else None,
+        "plain_value": (plain_num["train_images_per_s"]["median"] / den["train_images_per_s"]["median"])
+        if plain_num and den else None,
+        "value": None,
     }
+    if num and den and config.paired_rounds:
+        log(f"ratio: {RATIO_MODEL} and {REFERENCE} timed in alternation ({config.paired_rounds} rounds) ...")
+        paired = bench_ratio((RATIO_MODEL, config.switches), (REFERENCE, ref_switches), preset, device,
+                             rounds=config.paired_rounds, steps=preset.steps, lr=config.lr,
+                             lr_warmup=config.lr_warmup, seed=config.seed)
+        result["ratio"]["paired"] = paired
+        result["ratio"].update(value=paired["ratio"]["median"],
+                               numerator_images_per_s=paired["numerator_images_per_s"]["median"],
+                               reference_images_per_s=paired["denominator_images_per_s"]["median"])
+        log(f"ratio: {paired['ratio']['median']:.2f}x (IQR {paired['ratio']['q1']:.2f}-{paired['ratio']['q3']:.2f})")
+    elif num and den:
+        result["ratio"].update(value=result["ratio"]["sequential_value"],
+                               numerator_images_per_s=result["ratio"]["sequential_numerator_images_per_s"],
+                               reference_images_per_s=result["ratio"]["sequential_reference_images_per_s"])
     if config.layers and flows_available():
         result["layers"] = bench_layers(preset.layer_shapes, device, inner=preset.layer_inner,
                                         repeats=preset.layer_repeats, layers=config.layer_names, log=log)

@@ -6,7 +6,9 @@
                    log-dets, priors and weight algebra in float32) and otherwise autocasts the
                    whole call; ``amp_scope="autocast"`` always autocasts the whole call.
 ``compile``        torch.compile the training loss, the evaluation and the sampling functions.
-``channels_last``  model and inputs in channels-last memory format.
+``channels_last``  channels-last memory format: for flowlab's models (``set_coupling_dtype``) the
+                   coupling networks' hidden activations (the flow's stream stays NCHW, as in
+                   training); for other models the whole model and its inputs.
 ``tf32``           TF32 tensor cores for float32 matmuls and convolutions (CUDA only; the anchor
                    numbers of the design notes were measured with TF32 on).
 ``fused_adam``     ``torch.optim.Adam(..., fused=True)`` (CUDA, and CPU on torch >= 2.4).
@@ -108,10 +110,14 @@ class Switches:
         return asdict(self)
 
     # --- applying the switches ---------------------------------------------------------------
+    @staticmethod
+    def native(model: torch.nn.Module | None) -> bool:
+        """Whether ``model`` has flowlab's own fast-path switch (``set_coupling_dtype``)."""
+        return model is not None and callable(getattr(model, "set_coupling_dtype", None))
+
     def native_amp(self, model: torch.nn.Module | None) -> bool:
         """Whether ``amp`` is applied through the model's own switch (``set_coupling_dtype``)."""
-        return (self.amp != "off" and self.amp_scope == "model" and model is not None
-                and callable(getattr(model, "set_coupling_dtype", None)))
+        return self.amp != "off" and self.amp_scope == "model" and self.native(model)
 
     def amp_applied(self, model: torch.nn.Module | None) -> str:
         if self.amp == "off":
@@ -131,14 +137,18 @@ class Switches:
             set_tf32(self.tf32)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.channels_last:
+        if self.native(model):
+            dtype = AMP_DTYPES[self.amp] if self.native_amp(model) else None
+            model.set_coupling_dtype(dtype, channels_last=self.channels_last)
+        elif self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if self.native_amp(model):
-            model.set_coupling_dtype(AMP_DTYPES[self.amp])
         return model
 
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+    def prepare_input(self, x: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """``x`` channels-last when the whole model runs channels-last (not for flowlab's models)."""
+        if self.channels_last and x.dim() == 4 and not self.native(model):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def wrap(self, fn: Callable, device: torch.device, model: torch.nn.Module | None = None) -> Callable:
         """``fn`` (a call of ``model``) run under autocast where needed, compiled when asked."""

@@ -5,7 +5,8 @@ machine that has nothing else (the H200 image). See experiments/bench/README.md.
 
     flowlab-bench --preset cpu                     # make bench: the table in a few minutes on 2 cores
     flowlab-bench --preset gpu --device cuda --out experiments/bench/results
-    flowlab-bench --preset gpu --amp --compile --channels-last   # fast-path switches for flowlab's Glow
+    flowlab-bench --preset cpu --plain             # flowlab's Glow in plain float32 eager too
+    flowlab-bench --preset gpu --compile           # fast-path switches on top of the training defaults
     flowlab-bench --preset gpu --check-bpd 2000    # bits/dim: fast path vs float32 reference run
 """
 
@@ -17,6 +18,7 @@ import sys
 from flowlab.errors import ConfigError, UserError
 
 DTYPE_TO_AMP = {"float32": "off", "bfloat16": "bf16", "float16": "fp16"}
+DTYPES = ["auto", *DTYPE_TO_AMP]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
 
-    s = p.add_argument_group("fast-path switches (flowlab's Glow; the reference stays plain float32 eager)")
-    s.add_argument("--dtype", choices=list(DTYPE_TO_AMP), default="float32",
-                   help="compute dtype of the forward pass via torch.autocast (float32 = no autocast)")
+    s = p.add_argument_group(
+        "fast-path switches (flowlab's Glow; the reference stays plain float32 eager). The defaults are the "
+        "training defaults of conf/train.yaml (optim.fused, optim.coupling_dtype=auto, "
+        "optim.coupling_channels_last), so the benchmark times flowlab the way it trains")
+    s.add_argument("--plain", action="store_true",
+                   help="flowlab's Glow in plain float32 eager too: float32, NCHW, unfused Adam (overrides the "
+                        "switches below)")
+    s.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype of the coupling networks (flowlab) or of the call via torch.autocast "
+                        "(others); auto = bfloat16 where the device multiplies it natively (CUDA with bf16, "
+                        "CPUs with AMX), else float32")
     s.add_argument("--amp", action="store_true", help="shorthand for --dtype bfloat16")
     s.add_argument("--amp-scope", choices=["model", "autocast"], default="model",
                    help="model: the model's own switch where it has one (flowlab's set_coupling_dtype: coupling "
@@ -58,13 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true", help="torch.compile the training / evaluation / sampling calls")
     s.add_argument("--compile-mode", default="default",
                    help="torch.compile mode (default, reduce-overhead = CUDA graphs, max-autotune, ...)")
-    s.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format (flowlab: the coupling networks; others: the whole model)")
     s.add_argument("--no-tf32", action="store_true", help="IEEE float32 matmuls/convolutions on CUDA (TF32 is on by default)")
-    s.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True)")
+    s.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.optim.Adam(fused=True)")
     s.add_argument("--glow-kw", action="append", metavar="KEY=VALUE",
                    help="extra keyword argument for flowlab.flows.Glow (repeatable), e.g. a fast-path switch")
     s.add_argument("--reference-fast", action="store_true",
                    help="apply --dtype/--compile/--channels-last/--fused-adam to the reference too (anchor rows)")
+    g.add_argument("--ratio-rounds", type=int, default=10,
+                   help="rounds in which the ratio model and the reference are timed in alternation for their "
+                        "speed ratio (0: take the ratio of their rows, timed one after the other)")
+    s.add_argument("--no-plain-row", action="store_true",
+                   help="skip the extra plain float32 eager row of the ratio model (timed by default whenever "
+                        "flowlab's switches are not plain, so the table shows what the fast path adds)")
 
     m = p.add_argument_group("MFU")
     m.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="peak FLOP/s that MFU divides by")
@@ -93,14 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _switches(args):
+def _switches(args, device):
     from flowlab.bench.switches import Switches, parse_glow_kwargs
+    from flowlab.flows.precision import bf16_is_fast
 
-    amp = "bf16" if args.amp else DTYPE_TO_AMP[args.dtype]
-    if args.amp and args.dtype not in ("float32", "bfloat16"):
+    if args.amp and args.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"--amp (bfloat16) contradicts --dtype {args.dtype}; give one of them")
-    return Switches(amp=amp, amp_scope=args.amp_scope, compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last,
-                    tf32=not args.no_tf32, fused_adam=args.fused_adam, glow_kwargs=parse_glow_kwargs(args.glow_kw))
+    if args.plain:
+        return Switches.plain(tf32=not args.no_tf32)
+    if args.amp:
+        amp = "bf16"
+    elif args.dtype == "auto":
+        amp = "bf16" if bf16_is_fast(device) else "off"
+    else:
+        amp = DTYPE_TO_AMP[args.dtype]
+    return Switches(amp=amp, amp_scope=args.amp_scope, compile=args.compile, compile_mode=args.compile_mode,
+                    channels_last=args.channels_last, tf32=not args.no_tf32, fused_adam=args.fused_adam,
+                    glow_kwargs=parse_glow_kwargs(args.glow_kw))
 
 
 def _stem(kind: str, preset: str, device, switches, tag: str, timestamp: str) -> str:
@@ -121,6 +148,8 @@ def run(argv: list[str] | None = None) -> int:
     from flowlab.bench.runner import BenchConfig, resolve_device
     from flowlab.bench.runner import run as run_bench
 
+    if args.ratio_rounds < 0:
+        raise ConfigError(f"--ratio-rounds {args.ratio_rounds}: must be at least 0")
     if args.lr <= 0 or args.lr_warmup < 0:
         raise ConfigError(f"--lr {args.lr} must be positive and --lr-warmup {args.lr_warmup} at least 0")
     if args.threads is not None:
@@ -130,7 +159,7 @@ def run(argv: list[str] | None = None) -> int:
     preset = get_preset("quick" if args.quick else args.preset, steps=args.steps, repeats=args.repeats,
                         warmup=args.warmup, batch=args.batch, eval_repeats=args.eval_repeats)
     device = resolve_device(args.device)
-    switches = _switches(args)
+    switches = _switches(args, device)
     full_argv = ["flowlab-bench", *(sys.argv[1:] if argv is None else argv)]
 
     if args.check_bpd is not None:
@@ -171,7 +200,9 @@ def run(argv: list[str] | None = None) -> int:
         print(f"profiles: {Path(args.out) / stem}_*.txt and *.trace.json", file=sys.stderr)
         return 0
     config = BenchConfig(preset=preset, device=device, models=models, switches=switches,
-                         reference_fast=args.reference_fast, layers=not args.no_layers, lr=args.lr,
+                         reference_fast=args.reference_fast, plain_row=not args.no_plain_row,
+                         paired_rounds=args.ratio_rounds,
+                         layers=not args.no_layers, lr=args.lr,
                          lr_warmup=args.lr_warmup, seed=args.seed,
                          peak_flops=args.peak_flops, report_mfu=True if args.mfu else None,
                          count_flops=not args.no_flops, argv=full_argv)

@@ -140,9 +140,10 @@ def _check_optim(cfg: DictConfig) -> None:
     coupling_dtype = _get(cfg, "optim.coupling_dtype", None)
     if coupling_dtype not in (None, "auto", "bfloat16", "float32"):
         raise ConfigError(f"optim.coupling_dtype={coupling_dtype!r} is unknown; allowed: auto, bfloat16, float32")
-    fused = _get(cfg, "optim.fused", False)
-    if not isinstance(fused, bool):
-        raise ConfigError(f"optim.fused={fused!r} is not allowed: give true or false")
+    for key in ("optim.fused", "optim.coupling_channels_last"):
+        flag = _get(cfg, key, False)
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{key}={flag!r} is not allowed: give true or false")
     betas = _get(cfg, "optim.betas", None)
     if betas is not None:
         if not isinstance(betas, list) or len(betas) != 2:

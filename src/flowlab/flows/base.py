@@ -92,11 +92,13 @@ class MultiScaleFlow(nn.Module):
         self.latent_shapes.append(shape)
         self.top_prior = TopPrior(shape[0], learn=learn_top)
 
-    def set_coupling_dtype(self, dtype: torch.dtype | None) -> "MultiScaleFlow":
-        """Run every coupling network in ``dtype`` under autocast (None: the model's own dtype).
+    def set_coupling_dtype(self, dtype: torch.dtype | None, channels_last: bool | None = None) -> "MultiScaleFlow":
+        """Run every coupling network in ``dtype`` (None: the model's own dtype), and channels-last
+        when ``channels_last`` is given (None leaves the layout as it is).
 
         The mixed-precision fast path: the coupling networks hold nearly all FLOPs; the flow's
-        stream, log-dets, priors and weight algebra stay in float32/float64.
+        stream, log-dets, priors and weight algebra stay in float32/float64. See
+        :class:`flowlab.flows.coupling.CouplingNet`.
         """
         from .coupling import CouplingNet
 
@@ -105,6 +107,8 @@ class MultiScaleFlow(nn.Module):
             nets = self.__dict__["_coupling_nets"] = [m for m in self.modules() if isinstance(m, CouplingNet)]
         for net in nets:
             net.compute_dtype = dtype
+            if channels_last is not None:
+                net.channels_last = channels_last
         return self
 
     @property
@@ -129,9 +133,8 @@ class MultiScaleFlow(nn.Module):
         zs = []
         h = x
         for level, layers in enumerate(self.levels):
-            for layer in layers:
-                h, ld = layer(h)
-                logdet = logdet + ld
+            h, ld = self._encode_level(layers, h)
+            logdet = logdet + ld
             if level < self.L - 1:
                 split = self.splits[level]
                 h, z = split.split(h)
@@ -140,6 +143,14 @@ class MultiScaleFlow(nn.Module):
         log_prior = log_prior + gaussian_log_prob(h, *self.top_prior(h.shape))
         zs.append(h)
         return zs, logdet, log_prior
+
+    def _encode_level(self, layers: nn.ModuleList, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One level's layers, one after the other: (output, log-det [B])."""
+        logdet = None
+        for layer in layers:
+            h, ld = layer(h)
+            logdet = ld if logdet is None else logdet + ld
+        return h, logdet
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``(zs, logdet)``: one latent per level (factored-out halves, then the top) and log|det ∂z/∂x| [B]."""

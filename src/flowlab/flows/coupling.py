@@ -14,6 +14,7 @@ class ZeroConv2d(nn.Module):
     The last layer of a coupling network (a new affine coupling starts with shift 0 and the
     constant scale σ(2); a new additive one is the identity) and of the learned priors (a new
     prior is N(0, I)). The output scale is folded into the kernel and bias (weight-sized work).
+    The convolution runs in the dtype and memory format of its input.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, logscale_factor: float = 3.0):
@@ -36,17 +37,26 @@ class CouplingNet(nn.Module):
     Each ActNorm is folded into the convolution before it (``(W∗x + b)·s = (W·s)∗x + b·s``), so
     the hidden activations, the largest tensors of the model, see one fused operation instead of
     three; the 1×1 convolution runs as a matrix product. The ActNorms keep their own parameters
-    and data-dependent initialisation (on the first training batch).
+    and data-dependent initialisation (on the first training batch, always in the input's dtype
+    and layout).
 
-    ``compute_dtype`` (None, or e.g. ``torch.bfloat16``) runs the network under autocast in that
-    dtype; its output is returned in float32, so the flow's own arithmetic (coupling maps,
-    log-dets, priors) never leaves float32. Set it for a whole model with
-    :meth:`flowlab.flows.MultiScaleFlow.set_coupling_dtype`.
+    Two switches change how the network is computed, never what it computes (set them for a whole
+    model with :meth:`flowlab.flows.MultiScaleFlow.set_coupling_dtype`):
+
+    * ``compute_dtype`` (None, or e.g. ``torch.bfloat16``): the input and the folded weights are
+      cast to this dtype, so every convolution and matrix product runs in it (tensor cores on
+      GPUs, AMX on recent Xeons); the master weights, their gradients and the output stay in the
+      input's dtype, so the flow's own arithmetic (coupling maps, log-dets, priors) never leaves
+      float32.
+    * ``channels_last``: the hidden activations are kept channels-last (NHWC), where the 1×1
+      convolution is one matrix product over all pixels and oneDNN / cuDNN run their fastest 3×3
+      kernels. The output is returned in the input's (contiguous NCHW) layout.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int):
         super().__init__()
         self.compute_dtype: torch.dtype | None = None
+        self.channels_last = False
         self.conv1 = nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False)
         self.norm1 = ActNorm(hidden_channels)
         self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 1, bias=False)
@@ -55,24 +65,45 @@ class CouplingNet(nn.Module):
         nn.init.normal_(self.conv1.weight, std=0.05)
         nn.init.normal_(self.conv2.weight, std=0.05)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compute_dtype is None or self.compute_dtype == x.dtype:
-            return self._forward(x)
-        with torch.autocast(x.device.type, dtype=self.compute_dtype):
-            return self._forward(x).to(x.dtype)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        w1 = self.conv1.weight.to(x.dtype)
-        if self.training and not self.norm1._initialized:
-            self.norm1.initialize(F.conv2d(x, w1, padding=1))
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation of both ActNorms, in the input's dtype and layout."""
+        if not self.norm1._initialized:
+            self.norm1.initialize(F.conv2d(x, self.conv1.weight.to(x.dtype), padding=1))
         s1, c1 = self.norm1.scale_shift()
-        h = F.relu(F.conv2d(x, (w1 * s1.view(-1, 1, 1, 1)).to(x.dtype), c1.to(x.dtype), padding=1), inplace=True)
-        w2 = self.conv2.weight.view(self.conv2.out_channels, -1)
-        if self.training and not self.norm2._initialized:
-            self.norm2.initialize(pointwise_conv(h, w2))
+        h = F.relu(F.conv2d(x, (self.conv1.weight * s1.view(-1, 1, 1, 1)).to(x.dtype), c1.to(x.dtype), padding=1))
+        if not self.norm2._initialized:
+            self.norm2.initialize(pointwise_conv(h, self.conv2.weight.view(self.conv2.out_channels, -1)))
+
+    def folded_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``(w1, c1, w2, c2, w3, b3)`` in ``dtype``: the three convolutions with the ActNorms and the
+        output scale folded in (w2 as a [C, C] matrix). :func:`flowlab.flows.batched.coupling_net_weights`
+        computes the same for the K networks of a level at once."""
+        s1, c1 = self.norm1.scale_shift()
         s2, c2 = self.norm2.scale_shift()
-        h = F.relu(pointwise_conv(h, w2 * s2.view(-1, 1), c2), inplace=True)
-        return self.out(h)
+        s3 = torch.exp(self.out.logs * self.out.logscale_factor).view(-1)
+        w1 = self.conv1.weight * s1.view(-1, 1, 1, 1)
+        w2 = self.conv2.weight.view(self.conv2.out_channels, -1) * s2.view(-1, 1)
+        w3 = self.out.conv.weight * s3.view(-1, 1, 1, 1)
+        return tuple(t.to(dtype) for t in (w1, c1, w2, c2, w3, self.out.conv.bias * s3))
+
+    def forward(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """The network's output for ``x``; ``weights``: :meth:`folded_weights` computed beforehand."""
+        if self.training and not (self.norm1._initialized and self.norm2._initialized):
+            self._initialize(x)
+        dtype = self.compute_dtype or x.dtype
+        w1, c1, w2, c2, w3, b3 = self.folded_weights(dtype) if weights is None else weights
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        h = F.relu(F.conv2d(x.to(dtype=dtype, memory_format=layout), w1, c1, padding=1), inplace=True)
+        if self.channels_last:
+            # NHWC: the 1×1 convolution is one [B·H·W, C] × [C, C] product. ReLU in place on the
+            # product itself (not on a view of it, which autograd would undo with full copies).
+            b, _, height, width = h.shape
+            flat = torch.addmm(c2, h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), w2.t())
+            h = F.relu(flat, inplace=True).view(b, height, width, -1).permute(0, 3, 1, 2)
+        else:
+            h = F.relu(pointwise_conv(h, w2, c2), inplace=True)
+        return F.conv2d(h, w3, b3, padding=self.out.conv.padding).to(x.dtype)
 
 
 class _Coupling(nn.Module):
@@ -95,16 +126,17 @@ class AffineCoupling(_Coupling):
     def __init__(self, channels: int, hidden_channels: int):
         super().__init__(channels, hidden_channels, params_per_channel=2)
 
-    def _shift_logscale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shift, raw_scale = self.net(x_a).chunk(2, dim=1)
+    def _shift_logscale(self, x_a: torch.Tensor, net_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, raw_scale = self.net(x_a, net_weights).chunk(2, dim=1)
         # Bounded below so the scale can never underflow to 0 (which would make the layer
         # non-invertible and its inverse NaN); the map computed is exactly the one whose log-det
         # is returned. σ(h + 2) only reaches the bound for h < −9, where its gradient is ~1e-4.
         return shift, F.logsigmoid(exact(raw_scale) + 2.0).clamp_min(-LOG_SCALE_BOUND)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, net_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``net_weights``: the coupling network's folded weights, computed beforehand (or None)."""
         x_a, x_b = x[:, : self.split], x[:, self.split :]
-        shift, log_scale = self._shift_logscale(x_a)
+        shift, log_scale = self._shift_logscale(x_a, net_weights)
         y_b = ((x_b + shift) * torch.exp(log_scale)).to(x.dtype)
         return torch.cat([x_a, y_b], dim=1), sum_except_batch(log_scale)
 
@@ -121,9 +153,9 @@ class AdditiveCoupling(_Coupling):
     def __init__(self, channels: int, hidden_channels: int):
         super().__init__(channels, hidden_channels, params_per_channel=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, net_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]
-        y_b = (x_b + self.net(x_a)).to(x.dtype)
+        y_b = (x_b + self.net(x_a, net_weights)).to(x.dtype)
         return torch.cat([x_a, y_b], dim=1), exact(x.new_zeros(x.shape[0]))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:

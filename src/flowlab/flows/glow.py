@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from . import batched
 from .actnorm import ActNorm
 from .base import MultiScaleFlow
 from .conv1x1 import InvertibleConv1x1
@@ -45,7 +46,14 @@ class FlowStep(nn.Module):
         # composed 1×1 convolution: weights composed once per step, one matrix product per pixel.
         self.foldable = hasattr(self.permutation, "affine")
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mixing: tuple[torch.Tensor, torch.Tensor] | None = None,
+                net_weights: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, logdet)``. ``mixing`` = (A, c), the composed ActNorm + mixing layer computed beforehand
+        (see :mod:`flowlab.flows.batched`): then its data-independent log-det is left to the caller and
+        only the coupling's is returned. ``net_weights``: the coupling network's folded weights."""
+        if mixing is not None:
+            x, ld3 = self.coupling(pointwise_conv(x, *mixing), net_weights)
+            return x, ld3
         if not self.foldable:
             x, ld1 = self.actnorm(x)
             x, ld2 = self.permutation(x)
@@ -58,7 +66,7 @@ class FlowStep(nn.Module):
             x = pointwise_conv(x, weight * scale.unsqueeze(0), composed_bias)
             ld1 = per_sample(self.actnorm.logdet(x.shape[2], x.shape[3]), x)
             ld2 = per_sample(self.permutation.logdet(x.shape[2], x.shape[3]), x)
-        x, ld3 = self.coupling(x)
+        x, ld3 = self.coupling(x, net_weights)
         return x, ld1 + ld2 + ld3
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -104,3 +112,30 @@ class Glow(MultiScaleFlow):
             steps = [FlowStep(channels, hidden_channels, permutation, coupling, kernel_size) for _ in range(K)]
             shape = self.add_level([Squeeze(), *steps], (channels, height, width))
         self.finish(shape, learn_top)
+
+    def _encode_level(self, layers: nn.ModuleList, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The level's steps with their weights computed for all K steps at once (:mod:`.batched`).
+
+        Falls back to step-by-step weights where that is not possible: while any ActNorm still
+        waits for its data-dependent initialisation, and for mixing layers other than 1×1 / n×n
+        convolutions (their coupling networks are still batched).
+        """
+        squeeze, steps = layers[0], list(layers[1:])
+        needs_init = self.training and any(not m._initialized for s in steps for m in s.modules()
+                                           if isinstance(m, ActNorm))
+        if len(steps) < 2 or needs_init:
+            return super()._encode_level(layers, h)
+        h, logdet = squeeze(h)
+        nets = [s.coupling.net for s in steps]
+        net_weights = (batched.coupling_net_weights(nets, nets[0].compute_dtype or h.dtype)
+                       if batched.nets_supported(nets) else [None] * len(steps))
+        permutations = [s.permutation for s in steps]
+        if batched.mixing_supported(permutations):
+            mixing, mixing_logdet = batched.mixing_weights([s.actnorm for s in steps], permutations, *h.shape[2:])
+            logdet = logdet + per_sample(mixing_logdet, h)
+        else:
+            mixing = [None] * len(steps)
+        for step, mix, weights in zip(steps, mixing, net_weights):
+            h, ld = step(h, mix, weights)
+            logdet = logdet + ld
+        return h, logdet

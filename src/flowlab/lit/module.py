@@ -25,6 +25,7 @@ from torch import nn
 
 from flowlab.data.transforms import preprocess
 from flowlab.errors import ConfigError
+from flowlab.flows.precision import fast_coupling_dtype
 from flowlab.lit.ema import EMA
 from flowlab.lit.metrics import BitsPerDim, KeyedBitsPerDim
 from flowlab.lit.noise import eval_uniform
@@ -105,7 +106,9 @@ class FlowModule(pl.LightningModule):
             (linear warm-up), ``grad_clip`` (max global gradient norm or None), ``ema_decay`` (None: off),
             ``max_consecutive_skips`` (stop after this many non-finite steps in a row; None/absent: never),
             ``fused`` (fused Adam kernels), ``coupling_dtype`` (auto | bfloat16 | float32: the coupling
-            networks' dtype in training steps; evaluation always runs in float32).
+            networks' dtype in training steps, auto = bfloat16 where the device multiplies it natively;
+            evaluation always runs in float32), ``coupling_channels_last`` (the coupling networks'
+            hidden activations channels-last, in training and evaluation: a layout, not a precision).
         eval_seed: seed of the validation/test dequantisation noise.
         seed: seed of the training noise (combined with the process rank).
         use_ema: evaluate (validation, test, images) with the EMA weights when they exist.
@@ -125,6 +128,9 @@ class FlowModule(pl.LightningModule):
         self.save_hyperparameters({"model": model, "optim": optim, "eval_seed": int(eval_seed), "seed": int(seed),
                                    "use_ema": bool(use_ema), "data": data})
         self.flow = build_flow(model)
+        set_compute = getattr(self.flow, "set_coupling_dtype", None)
+        if set_compute is not None:  # before the EMA copy, which inherits the layout
+            set_compute(None, channels_last=bool(optim.get("coupling_channels_last", False)))
         self.n_bits = int(self.flow.n_bits)
         ema_decay = optim.get("ema_decay")
         self.ema = EMA(self.flow, ema_decay) if ema_decay else None
@@ -208,8 +214,7 @@ class FlowModule(pl.LightningModule):
         if value in (None, "float32"):
             return None
         if value == "auto":
-            cuda = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            return torch.bfloat16 if cuda else None
+            return fast_coupling_dtype(self.device)
         if value not in COUPLING_DTYPES:
             raise ConfigError(f"optim.coupling_dtype={value!r} is unknown; allowed: auto, {', '.join(COUPLING_DTYPES)}")
         return COUPLING_DTYPES[value]
