@@ -7,10 +7,11 @@
 #
 # Stages (STAGES, in this order; each writes its JSON + markdown to $OUT as soon as it ends):
 #   env      nvidia-smi, torch / CUDA versions                         -> $OUT/env.txt
-#   fast     flowlab's fast path ($FAST_ARGS) on $FAST_MODELS beside the plain reference
-#   bench    every model, plain float32 (+TF32) eager, + layer micro-benchmarks
+#   fast     flowlab's fast path (the training defaults: bf16 channels-last coupling networks, fused
+#            Adam; plus $FAST_ARGS) on $FAST_MODELS beside the plain reference, ratio in alternating rounds
+#   bench    every model, plain float32 (+TF32) eager (--plain), + layer micro-benchmarks
 #   check    bits/dim after $CHECK_STEPS steps: fast path vs strict float32 run of the same model
-#   profile  torch.profiler of one training step of conv1x1_lu with $FAST_ARGS (top ops by CUDA time)
+#   profile  torch.profiler of one training step of conv1x1_lu with the fast path (top ops by CUDA time)
 #
 # Environment (defaults in brackets):
 #   OUT [experiments/bench/results/gpu-<UTC time>]   PYTHON [python3]   DEVICE [cuda]   PRESET [gpu]
@@ -19,7 +20,7 @@
 #       the rest) and is stopped by `timeout` there. Results are written as each model finishes, so a
 #       stage cut short keeps what it measured; the check stops itself at its last evaluation point that fits.
 #   MODELS [all]   BENCH_ARGS [--steps 8 --repeats 3 --warmup 3 --eval-repeats 3]
-#   FAST_ARGS [--amp --channels-last]   FAST_MODELS [conv1x1_lu,nxn,reference]
+#   FAST_ARGS [] (extra switches, e.g. --compile)   FAST_MODELS [conv1x1_lu,nxn,reference]
 #   CHECK_STEPS [2000]   CHECK_ARGS [--batch 64]   (add --data-npz FILE for real images)
 set -uo pipefail
 
@@ -32,7 +33,7 @@ STAGES="${STAGES:-env fast bench check}"
 BUDGET_S="${BUDGET_S:-420}"
 MODELS="${MODELS:-all}"
 BENCH_ARGS="${BENCH_ARGS:---steps 8 --repeats 3 --warmup 3 --eval-repeats 3}"
-FAST_ARGS="${FAST_ARGS:---amp --channels-last}"
+FAST_ARGS="${FAST_ARGS:-}"
 FAST_MODELS="${FAST_MODELS:-conv1x1_lu,nxn,reference}"
 CHECK_STEPS="${CHECK_STEPS:-2000}"
 CHECK_ARGS="${CHECK_ARGS:---batch 64}"
@@ -63,17 +64,17 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"; } > "$OUT/
     bench)
       t=$(share 40); log "bench: all models, plain float32 (timeout ${t}s)"
       # shellcheck disable=SC2086
-      bench "$t" --models "$MODELS" --tag plain $BENCH_ARGS || { log "bench stage failed or timed out"; status=1; } ;;
+      bench "$t" --models "$MODELS" --tag plain --plain $BENCH_ARGS || { log "bench stage failed or timed out"; status=1; } ;;
     fast)
-      t=$(share 30); log "fast: $FAST_ARGS on $FAST_MODELS (timeout ${t}s)"
+      t=$(share 30); log "fast: training defaults $FAST_ARGS on $FAST_MODELS (timeout ${t}s)"
       # shellcheck disable=SC2086
       bench "$t" --models "$FAST_MODELS" --tag fast --no-layers $BENCH_ARGS $FAST_ARGS || { log "fast stage failed or timed out"; status=1; } ;;
     profile)
-      t=60; log "profile: conv1x1_lu with $FAST_ARGS (timeout ${t}s)"
+      t=60; log "profile: conv1x1_lu, fast path $FAST_ARGS (timeout ${t}s)"
       # shellcheck disable=SC2086
       bench "$t" --profile --models conv1x1_lu --steps 2 $FAST_ARGS > "$OUT/profile.txt" 2>&1 || { log "profile failed"; status=1; } ;;
     check)
-      t=$(( $(left) - 15 )); log "check: bits/dim after $CHECK_STEPS steps, $FAST_ARGS vs float32 (budget ${t}s)"
+      t=$(( $(left) - 15 )); log "check: bits/dim after $CHECK_STEPS steps, fast path $FAST_ARGS vs float32 (budget ${t}s)"
       # shellcheck disable=SC2086
       bench $(( t + 60 )) --check-bpd "$CHECK_STEPS" --time-budget "$t" $CHECK_ARGS $FAST_ARGS
       rc=$?; (( rc == 0 )) || { log "check did not pass (exit $rc)"; status=1; } ;;
