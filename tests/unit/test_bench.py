@@ -39,7 +39,7 @@ def _only(tmp_path, pattern):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    code = cli.run(["--quick", "--device", "cpu", "--models", "conv1x1_lu,reference", "--out", str(out)])
+    code = cli.run(["--quick", "--device", "cpu", "--models", "nxn,conv1x1_lu,reference", "--out", str(out)])
     assert code == 0
     return out, json.loads(_only(out, "bench_*.json").read_text())
 
@@ -51,10 +51,14 @@ def test_quick_run_writes_complete_json(quick_run):
     assert result["env"]["command"].startswith("flowlab-bench --quick")
     # flowlab with the training defaults, the same model in plain float32 eager, then the reference
     assert [(m["model"], m.get("variant")) for m in result["models"]] == [
-        ("conv1x1_lu", None), ("conv1x1_lu", "plain"), ("reference", None)]
-    assert result["models"][0]["switches"] == result["switches"]["flowlab"] != "fp32 eager"
+        ("nxn", None), ("conv1x1_lu", None), ("conv1x1_lu", "plain"), ("reference", None)]
+    assert result["models"][1]["switches"] == result["switches"]["flowlab"] != "fp32 eager"
     assert "channels_last" in result["switches"]["flowlab"] and "fused_adam" in result["switches"]["flowlab"]
-    assert result["models"][1]["switches"] == result["models"][2]["switches"] == "fp32 eager"
+    assert result["models"][2]["switches"] == result["models"][3]["switches"] == "fp32 eager"
+    sampling = result["sampling_ratio"]  # the sampling goal, timed in alternation like the training ratio
+    assert (sampling["numerator"], sampling["denominator"], sampling["rounds"]) == ("nxn", "conv1x1_lu", 10)
+    goal = next(g for g in result["goals"] if g["goal"].startswith("sampling speed"))
+    assert goal["value"] == sampling["ratio"]["median"] and _finite_positive(goal["value"])
     for m in result["models"]:
         assert isinstance(m["params"], int) and m["params"] > 0
         for key in ("train_images_per_s", "eval_images_per_s", "sample_images_per_s"):

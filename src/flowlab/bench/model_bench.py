@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import math
 import sys
-import time
 
 import torch
 
@@ -24,7 +23,7 @@ from .memory import PeakMemory
 from .models import build_model, count_parameters, initialize_actnorm
 from .presets import Preset
 from .switches import Switches
-from .timing import Stats, rate_stats, synchronize, time_per_call
+from .timing import Stats, alternate, rate_stats, time_per_call
 
 
 def log(msg: str) -> None:
@@ -157,16 +156,15 @@ def bench_ratio(numerator: tuple[str, Switches], denominator: tuple[str, Switche
     for _ in range(max(1, preset.warmup)):
         a.step()
         b.step()
-    secs: dict[str, list[float]] = {"a": [], "b": []}
-    for r in range(rounds):
-        for key, run in ((("a", a), ("b", b)) if r % 2 == 0 else (("b", b), ("a", a))):
+
+    def timed(run):
+        def call():
             run.switches.activate(device)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                run.step()
-            synchronize(device)
-            secs[key].append((time.perf_counter() - start) / steps)
+            run.step()
+        return call
+
+    secs_a, secs_b = alternate([timed(a), timed(b)], device, rounds=rounds, inner=steps)
+    secs = {"a": secs_a, "b": secs_b}
     ratios = [tb / ta for ta, tb in zip(secs["a"], secs["b"])]
     del a, b
     gc.collect()
@@ -176,3 +174,28 @@ def bench_ratio(numerator: tuple[str, Switches], denominator: tuple[str, Switche
             "numerator_images_per_s": rate_stats(secs["a"], preset.batch).to_dict(),
             "denominator_images_per_s": rate_stats(secs["b"], preset.batch).to_dict(),
             "ratio": Stats.of(ratios).to_dict()}
+
+
+def bench_sampling_ratio(numerator: str, denominator: str, preset: Preset, device: torch.device,
+                         switches: Switches, *, rounds: int, seed: int = 0) -> dict:
+    """Sampling speed of two models (eval mode, float32 coupling networks as the platform samples),
+    timed in alternating rounds like :func:`bench_ratio`; ratio = median of per-round ratios."""
+    runs = []
+    for name in (numerator, denominator):
+        run = TrainingRun(name, preset, device, switches, seed=seed)
+        if switches.native_amp(run.model):
+            run.model.set_coupling_dtype(None)
+        run.model.eval()
+        runs.append(run)
+    fns = [switches.wrap(lambda n, m=run.model: m.sample(n), device, run.model) for run in runs]
+    with torch.no_grad():
+        calls = [lambda f=f: f(preset.batch) for f in fns]
+        for call in calls:
+            call()
+        secs_a, secs_b = alternate(calls, device, rounds=rounds)
+    del runs
+    gc.collect()
+    return {"numerator": numerator, "denominator": denominator, "rounds": rounds,
+            "numerator_images_per_s": rate_stats(secs_a, preset.batch).to_dict(),
+            "denominator_images_per_s": rate_stats(secs_b, preset.batch).to_dict(),
+            "ratio": Stats.of([tb / ta for ta, tb in zip(secs_a, secs_b)]).to_dict()}

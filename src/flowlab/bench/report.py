@@ -100,6 +100,13 @@ def markdown(result: dict) -> str:
             lines.append(f"(flowlab `{ratio['numerator']}` in plain float32 eager / reference: {ratio['plain_value']:.2f}×, "
                          f"{_num(ratio['plain_images_per_s'])} images/s, sequential: what the model's own restructuring "
                          f"gives without reduced precision or layout changes)")
+    sampling = result.get("sampling_ratio")
+    if sampling:
+        lines += ["", f"Sampling speed, `{sampling['numerator']}` / `{sampling['denominator']}`: "
+                      f"{sampling['ratio']['median']:.2f}× (median of {sampling['rounds']} alternating rounds, IQR "
+                      f"{sampling['ratio']['q1']:.2f}–{sampling['ratio']['q3']:.2f}; "
+                      f"{_num(sampling['numerator_images_per_s']['median'])} vs "
+                      f"{_num(sampling['denominator_images_per_s']['median'])} images/s)."]
     if result.get("goals"):
         lines += ["", "### Goals (issue 6)", "", "| goal | measured | target | met |", "|---|---|---|---|"]
         for g in result["goals"]:

@@ -18,7 +18,7 @@ from flowlab.errors import UserError
 from .env import environment
 from .flops import H200_BF16_PEAK
 from .layer_bench import LAYERS, bench_layers, claims
-from .model_bench import bench_model, bench_ratio, log
+from .model_bench import bench_model, bench_ratio, bench_sampling_ratio, log
 from .models import RATIO_MODEL, REFERENCE, flows_available
 from .presets import Preset
 from .switches import Switches
@@ -77,10 +77,11 @@ def _goals(result: dict, preset: Preset, device: torch.device) -> list[dict]:
         goals.append({"goal": f"GPU preset: flowlab {RATIO_MODEL} training images/s ({result['env'].get('gpu')})",
                       "value": v, "target": f"≥ {GPU_IMAGES_PER_S_TARGET:,.0f} on an H200",
                       "met": v >= GPU_IMAGES_PER_S_TARGET})
-    if "nxn" in by_name and "conv1x1_lu" in by_name:
-        v = by_name["nxn"]["sample_images_per_s"]["median"] / by_name["conv1x1_lu"]["sample_images_per_s"]["median"]
-        goals.append({"goal": "sampling speed, nxn / conv1x1_lu", "value": v, "target": f"≥ {SAMPLING_TARGET:g}",
-                      "met": v >= SAMPLING_TARGET})
+    sampling = result.get("sampling_ratio")
+    if sampling:
+        v = sampling["ratio"]["median"]
+        goals.append({"goal": "sampling speed, nxn / conv1x1_lu (alternating rounds)", "value": v,
+                      "target": f"≥ {SAMPLING_TARGET:g}", "met": v >= SAMPLING_TARGET})
     return goals
 
 
@@ -150,6 +151,11 @@ def run(config: BenchConfig, on_progress: Callable[[dict], None] | None = None) 
         result["ratio"].update(value=result["ratio"]["sequential_value"],
                                numerator_images_per_s=result["ratio"]["sequential_numerator_images_per_s"],
                                reference_images_per_s=result["ratio"]["sequential_reference_images_per_s"])
+    if "nxn" in by_name and "conv1x1_lu" in by_name and config.paired_rounds:
+        log(f"sampling: nxn and conv1x1_lu timed in alternation ({config.paired_rounds} rounds) ...")
+        result["sampling_ratio"] = bench_sampling_ratio("nxn", "conv1x1_lu", preset, device, config.switches,
+                                                        rounds=config.paired_rounds, seed=config.seed)
+        log(f"sampling: nxn / conv1x1_lu = {result['sampling_ratio']['ratio']['median']:.2f}")
     if config.layers and flows_available():
         result["layers"] = bench_layers(preset.layer_shapes, device, inner=preset.layer_inner,
                                         repeats=preset.layer_repeats, layers=config.layer_names, log=log)

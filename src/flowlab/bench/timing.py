@@ -64,6 +64,24 @@ def time_per_call(fn: Callable[[], object], device: torch.device, *, warmup: int
     return samples
 
 
+def alternate(fns: list[Callable[[], object]], device: torch.device, *, rounds: int, inner: int = 1
+              ) -> list[list[float]]:
+    """Seconds per call of each function, timed in alternation: round r runs them in order, then in
+    reverse order in round r + 1, ``inner`` calls each, so that a drift in the machine's speed hits
+    all alike. Returns one list of ``rounds`` samples per function."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        order = list(range(len(fns))) if r % 2 == 0 else list(reversed(range(len(fns))))
+        for i in order:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fns[i]()
+            synchronize(device)
+            samples[i].append((time.perf_counter() - start) / inner)
+    return samples
+
+
 def rate_stats(seconds_per_call: list[float], items_per_call: int) -> Stats:
     """Items per second (e.g. images/s) for each sample, summarised."""
     return Stats.of([items_per_call / s for s in seconds_per_call])
