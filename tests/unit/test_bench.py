@@ -274,3 +274,17 @@ def test_default_switches_are_the_training_fast_path():
     assert sw.prepare_input(x, ref).is_contiguous(memory_format=torch.channels_last)
     ref = sw.prepare_model(ref)
     assert ref.blocks[0].flows[0].coupling.net[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bench_defaults_match_the_training_config():
+    """The benchmark cannot read Hydra configs (it runs with torch alone), so it holds its own copy of
+    the training fast-path defaults; this keeps the copy equal to conf/train.yaml."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    optim = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "train.yaml").optim
+    args = cli.build_parser().parse_args([])
+    assert args.fused_adam is optim.fused
+    assert args.channels_last is optim.coupling_channels_last
+    assert (args.dtype, optim.coupling_dtype) == ("auto", "auto")
