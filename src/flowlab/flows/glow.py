@@ -113,6 +113,15 @@ class Glow(MultiScaleFlow):
             shape = self.add_level([Squeeze(), *steps], (channels, height, width))
         self.finish(shape, learn_top)
 
+    @staticmethod
+    def _actnorms(layers: nn.ModuleList) -> list[ActNorm]:
+        """Every ActNorm of a level, found once and kept on the level (a copy of the model copies the
+        list with it, pointing at its own ActNorms): the training step asks on every forward."""
+        found = layers.__dict__.get("_actnorms")
+        if found is None:
+            found = layers.__dict__["_actnorms"] = [m for m in layers.modules() if isinstance(m, ActNorm)]
+        return found
+
     def _encode_level(self, layers: nn.ModuleList, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The level's steps with their weights computed for all K steps at once (:mod:`.batched`).
 
@@ -121,8 +130,7 @@ class Glow(MultiScaleFlow):
         convolutions (their coupling networks are still batched).
         """
         squeeze, steps = layers[0], list(layers[1:])
-        needs_init = self.training and any(not m._initialized for s in steps for m in s.modules()
-                                           if isinstance(m, ActNorm))
+        needs_init = self.training and any(not m._initialized for m in self._actnorms(layers))
         if len(steps) < 2 or needs_init:
             return super()._encode_level(layers, h)
         h, logdet = squeeze(h)
