@@ -25,10 +25,14 @@ class ZeroConv2d(nn.Module):
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
         self.logscale_factor = logscale_factor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kernel, bias) with the output scale ``exp(3·logs)`` folded in."""
         scale = torch.exp(self.logs * self.logscale_factor).view(-1)
-        weight = self.conv.weight * scale.view(-1, 1, 1, 1)
-        return F.conv2d(x, weight.to(x.dtype), (self.conv.bias * scale).to(x.dtype), padding=self.conv.padding)
+        return self.conv.weight * scale.view(-1, 1, 1, 1), self.conv.bias * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.folded()
+        return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), padding=self.conv.padding)
 
 
 class CouplingNet(nn.Module):
@@ -50,7 +54,7 @@ class CouplingNet(nn.Module):
       float32.
     * ``channels_last``: the hidden activations are kept channels-last (NHWC), where the 1×1
       convolution is one matrix product over all pixels and oneDNN / cuDNN run their fastest 3×3
-      kernels. The output is returned in the input's (contiguous NCHW) layout.
+      kernels. The output (2·C channels, small) is then channels-last as well.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int):
@@ -70,8 +74,8 @@ class CouplingNet(nn.Module):
         """Data-dependent initialisation of both ActNorms, in the input's dtype and layout."""
         if not self.norm1._initialized:
             self.norm1.initialize(F.conv2d(x, self.conv1.weight.to(x.dtype), padding=1))
-        s1, c1 = self.norm1.scale_shift()
-        h = F.relu(F.conv2d(x, (self.conv1.weight * s1.view(-1, 1, 1, 1)).to(x.dtype), c1.to(x.dtype), padding=1))
+        w1, c1 = self.folded_weights(x.dtype)[:2]
+        h = F.relu(F.conv2d(x, w1, c1, padding=1))
         if not self.norm2._initialized:
             self.norm2.initialize(pointwise_conv(h, self.conv2.weight.view(self.conv2.out_channels, -1)))
 
@@ -81,11 +85,9 @@ class CouplingNet(nn.Module):
         computes the same for the K networks of a level at once."""
         s1, c1 = self.norm1.scale_shift()
         s2, c2 = self.norm2.scale_shift()
-        s3 = torch.exp(self.out.logs * self.out.logscale_factor).view(-1)
         w1 = self.conv1.weight * s1.view(-1, 1, 1, 1)
         w2 = self.conv2.weight.view(self.conv2.out_channels, -1) * s2.view(-1, 1)
-        w3 = self.out.conv.weight * s3.view(-1, 1, 1, 1)
-        return tuple(t.to(dtype) for t in (w1, c1, w2, c2, w3, self.out.conv.bias * s3))
+        return tuple(t.to(dtype) for t in (w1, c1, w2, c2, *self.out.folded()))
 
     def forward(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """The network's output for ``x``; ``weights``: :meth:`folded_weights` computed beforehand."""
