@@ -75,6 +75,15 @@ class TrainingRun:
         self.opt.step()
         self.loss = loss
 
+    def evaluation_mode(self) -> bool:
+        """Eval mode as the platform evaluates and samples: reduced precision is for training steps
+        only, so flowlab's coupling networks go back to float32 (their layout stays). True if they did."""
+        native = self.switches.native_amp(self.model)
+        if native:
+            self.model.set_coupling_dtype(None)
+        self.model.eval()
+        return native
+
 
 def bench_model(name: str, preset: Preset, device: torch.device, switches: Switches, *, lr: float = 1e-3,
                 lr_warmup: int = 200, seed: int = 0, peak_flops: float | None = None, count_flops: bool = True) -> dict:
@@ -104,13 +113,11 @@ def bench_model(name: str, preset: Preset, device: torch.device, switches: Switc
         result["mfu"] = mfu(result["flops_per_image"], train.median, peak_flops)
         result["achieved_tflops"] = result["flops_per_image"] * train.median / 1e12
     run.opt.zero_grad(set_to_none=True)
-    del run
+    run.opt = None
 
     # -- evaluation and sampling ---------------------------------------------------------
-    if switches.native_amp(model):  # as the platform does: reduced precision in training steps only
-        model.set_coupling_dtype(None)
+    if run.evaluation_mode():
         result["eval_dtype"] = "float32 (coupling networks; reduced precision is for training steps)"
-    model.eval()
     eval_fn = switches.wrap(lambda x: model.bits_per_dim(x), device, model)
     sample_fn = switches.wrap(lambda n: model.sample(n), device, model)
     last = {}
@@ -164,29 +171,27 @@ def bench_ratio(numerator: tuple[str, Switches], denominator: tuple[str, Switche
         return call
 
     secs_a, secs_b = alternate([timed(a), timed(b)], device, rounds=rounds, inner=steps)
-    secs = {"a": secs_a, "b": secs_b}
-    ratios = [tb / ta for ta, tb in zip(secs["a"], secs["b"])]
     del a, b
     gc.collect()
     return {"numerator": numerator[0], "numerator_switches": numerator[1].label(),
             "denominator": denominator[0], "denominator_switches": denominator[1].label(),
-            "rounds": rounds, "steps_per_round": steps,
-            "numerator_images_per_s": rate_stats(secs["a"], preset.batch).to_dict(),
-            "denominator_images_per_s": rate_stats(secs["b"], preset.batch).to_dict(),
-            "ratio": Stats.of(ratios).to_dict()}
+            "rounds": rounds, "steps_per_round": steps, **_alternating_rates(secs_a, secs_b, preset.batch)}
+
+
+def _alternating_rates(secs_a: list[float], secs_b: list[float], batch: int) -> dict:
+    """Images/s of A and B and the median of their per-round ratio A / B."""
+    return {"numerator_images_per_s": rate_stats(secs_a, batch).to_dict(),
+            "denominator_images_per_s": rate_stats(secs_b, batch).to_dict(),
+            "ratio": Stats.of([tb / ta for ta, tb in zip(secs_a, secs_b)]).to_dict()}
 
 
 def bench_sampling_ratio(numerator: str, denominator: str, preset: Preset, device: torch.device,
                          switches: Switches, *, rounds: int, seed: int = 0) -> dict:
     """Sampling speed of two models (eval mode, float32 coupling networks as the platform samples),
     timed in alternating rounds like :func:`bench_ratio`; ratio = median of per-round ratios."""
-    runs = []
-    for name in (numerator, denominator):
-        run = TrainingRun(name, preset, device, switches, seed=seed)
-        if switches.native_amp(run.model):
-            run.model.set_coupling_dtype(None)
-        run.model.eval()
-        runs.append(run)
+    runs = [TrainingRun(name, preset, device, switches, seed=seed) for name in (numerator, denominator)]
+    for run in runs:
+        run.evaluation_mode()
     fns = [switches.wrap(lambda n, m=run.model: m.sample(n), device, run.model) for run in runs]
     with torch.no_grad():
         calls = [lambda f=f: f(preset.batch) for f in fns]
@@ -196,6 +201,4 @@ def bench_sampling_ratio(numerator: str, denominator: str, preset: Preset, devic
     del runs
     gc.collect()
     return {"numerator": numerator, "denominator": denominator, "rounds": rounds,
-            "numerator_images_per_s": rate_stats(secs_a, preset.batch).to_dict(),
-            "denominator_images_per_s": rate_stats(secs_b, preset.batch).to_dict(),
-            "ratio": Stats.of([tb / ta for ta, tb in zip(secs_a, secs_b)]).to_dict()}
+            **_alternating_rates(secs_a, secs_b, preset.batch)}

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .data import benchmark_batches
-from .models import build_model, initialize_actnorm
+from .model_bench import TrainingRun
 from .presets import Preset
 from .switches import Switches
 
@@ -22,17 +21,10 @@ from .switches import Switches
 def profile_training(name: str, preset: Preset, device: torch.device, switches: Switches, *, steps: int,
                      warmup: int, out_dir: Path | None, stem: str, row_limit: int = 25, lr: float = 1e-3,
                      seed: int = 0) -> str:
-    torch.manual_seed(seed)
-    switches.activate(device)
-    model = switches.prepare_model(build_model(name, preset, switches.glow_kwargs).to(device))
-    batches = [switches.prepare_input(x, model) for x in benchmark_batches(
-        2, preset.batch, preset.in_channels, preset.image_size, preset.n_bits, device, seed=seed)]
-    initialize_actnorm(model, batches[0])
-    model.train()
-    opt = switches.optimizer(model.parameters(), lr, device)
-    loss_fn = switches.wrap(lambda x: model.bits_per_dim(x).mean(), device, model)
+    run = TrainingRun(name, preset, device, switches, lr=lr, seed=seed)
+    opt, loss_fn, batches = run.opt, run.loss_fn, run.batches
 
-    def step(i):
+    def step(i):  # TrainingRun.step (at a constant lr), its parts labelled
         opt.zero_grad(set_to_none=True)
         with record_function("forward"):
             loss = loss_fn(batches[i % 2])

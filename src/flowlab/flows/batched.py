@@ -82,9 +82,10 @@ def mixing_weights(actnorms, permutations, height: int, width: int
 
 def nets_supported(nets: Sequence[torch.nn.Module]) -> bool:
     """Whether :func:`coupling_net_weights` handles these networks (CouplingNets of one shape)."""
-    first = nets[0]
-    shapes = lambda n: (n.conv1.weight.shape, n.out.conv.weight.shape, n.out.logscale_factor)  # noqa: E731
-    return all(isinstance(n, CouplingNet) for n in nets) and all(shapes(n) == shapes(first) for n in nets)
+    def shapes(net):
+        return net.conv1.weight.shape, net.out.conv.weight.shape, net.out.logscale_factor
+
+    return all(isinstance(n, CouplingNet) for n in nets) and all(shapes(n) == shapes(nets[0]) for n in nets)
 
 
 def coupling_net_weights(nets: Sequence[CouplingNet], dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
