@@ -84,6 +84,17 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+def signal_when(condition, proc: subprocess.Popen, what: str, log: Path, signum: int, wait_s: float = 60) -> None:
+    """Send ``signum`` to ``proc`` once ``condition()`` holds, wait up to ``wait_s`` for it to end (killing
+    it if it is still running either way); ``proc.returncode`` then says how it ended."""
+    try:
+        wait_for(condition, proc, 300, what, log)
+        proc.send_signal(signum)
+        proc.wait(timeout=wait_s)
+    finally:
+        stop(proc)
+
+
 def run_inprocess(task: str, args: list[str]) -> tuple[int, str, str]:
     """``flowlab-<task>`` in this process: (exit status, stdout, stderr)."""
     from tests.cli_runner import run_cli

@@ -20,8 +20,8 @@ import pytest
 
 from flowlab.errors import CheckpointError
 from flowlab.lit.checkpoint import load_checkpoint, module_from_checkpoint
-from tests.distributed.helpers import (REPO, base_args, child_env, load, run_train, start_train, stop, wait_for,
-                                       write_data)
+from tests.distributed.helpers import (REPO, base_args, child_env, load, run_train, signal_when, start_train, stop,
+                                       wait_for, write_data)
 
 pytestmark = pytest.mark.distributed
 
@@ -46,12 +46,7 @@ def test_sigkill_then_same_command_resumes_and_ends_at_max_steps(tmp_path):
     last = out / "runs" / "killed" / "checkpoints" / "last.ckpt"
     log = tmp_path / "first.log"
     proc = start_train(args, log)
-    try:
-        wait_for(last.is_file, proc, 300, "the first checkpoint", log)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        stop(proc)
+    signal_when(last.is_file, proc, "the first checkpoint", log, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     killed_at = _step(last)
     assert 4 <= killed_at < max_steps, killed_at
@@ -82,12 +77,7 @@ def test_signal_saves_a_checkpoint_before_exit_and_the_same_command_resumes(tmp_
     last = ckpts / "last.ckpt"
     log = tmp_path / "first.log"
     proc = start_train(args, log)
-    try:
-        wait_for(last.is_file, proc, 300, "the first checkpoint", log)
-        proc.send_signal(signum)
-        proc.wait(timeout=120)
-    finally:
-        stop(proc)
+    signal_when(last.is_file, proc, "the first checkpoint", log, signum, wait_s=120)
     text = log.read_text()
     assert proc.returncode == 128 + signum, text[-3000:]
     saved = _step(last)
@@ -143,12 +133,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path):
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, *args], cwd=REPO, stdout=f,
                                 stderr=subprocess.STDOUT, env=child_env(FLOWLAB_TEST_MARKER=str(marker)))
-    try:
-        wait_for(marker.is_file, proc, 300, "a save at step 8 to start", log)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        stop(proc)
+    signal_when(marker.is_file, proc, "a save at step 8 to start", log, signal.SIGKILL)
     partial = ckpts / marker.read_text().rsplit("/", 1)[-1]
     assert partial.is_file() and partial.name.startswith(".") and ".tmp-" in partial.name
     with pytest.raises(CheckpointError):
