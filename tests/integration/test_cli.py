@@ -151,7 +151,7 @@ def _fingerprint(d: Path) -> dict[str, str]:
 
 BAD_INPUTS = [
     (["model/permutation=nope"], "model/permutation=nope is not a known option; available model/permutation "
-                                 "options: conv1x1, conv1x1_lu, emerging, nxn, reverse, shuffle"),
+                                 "options: conv1x1, conv1x1_lu, emerging, nxn, nxn_lu, reverse, shuffle"),
     (["model.permutation=nope"], "model.permutation='nope' is unknown"),
     (["data=nope"], "data=nope is not a known option; available data options: celebahq256, cifar10"),
     (["model.L=3"], "model.L=3: image size 28 is not divisible by 2^3 = 8"),

@@ -53,8 +53,9 @@ def _clear_hydra():
 
 
 def test_groups_are_complete():
-    assert set(PERMUTATIONS) == {"nxn", "conv1x1", "conv1x1_lu", "reverse", "shuffle", "emerging"}
-    assert set(DATA) >= {"cifar10", "imagenet32", "imagenet64", "celebahq256", "mnist", "fashion_mnist"}
+    assert set(PERMUTATIONS) == {"nxn", "nxn_lu", "conv1x1", "conv1x1_lu", "reverse", "shuffle", "emerging"}
+    assert set(DATA) >= {"cifar10", "imagenet32", "imagenet64", "imagenet32_chrabaszcz", "imagenet64_chrabaszcz",
+                         "celebahq256", "mnist", "fashion_mnist"}
     assert set(TRAINERS) == {"default", "cpu", "gpu", "ddp", "ddp_cpu"}
     assert set(LOGGERS) == {"wandb", "csv", "tensorboard", "none"}
     assert set(EXPERIMENTS) >= {"quickstart", "paper_cifar10", "paper_imagenet32", "paper_imagenet64",
@@ -73,7 +74,10 @@ def test_data_times_model_composes_validates_and_instantiates(data, model, tmp_p
     flow = build_flow(build.container(cfg.model))  # real weights: small width keeps it quick
     assert flow.n_bits == cfg.data.n_bits
     if "permutation" in model:
-        assert flow.permutation == model.split("=")[1]
+        choice = model.split("=")[1]
+        assert flow.permutation == ("nxn" if choice == "nxn_lu" else choice)
+        if choice.startswith("nxn"):
+            assert cfg.model.nxn_conv1x1 == ("lu" if choice == "nxn_lu" else "plain")
 
 
 @pytest.mark.parametrize("logger", LOGGERS)

@@ -10,7 +10,7 @@ _MIN_STD = 1e-6
 
 
 class ActNorm(nn.Module):
-    """``y = (x + bias) · exp(logs)`` per channel; log-det ``H·W·Σ_c logs_c``.
+    """``y = (x + bias) · exp(s)`` per channel with ``s = logscale_factor · logs``; log-det ``H·W·Σ_c s_c``.
 
     On the first forward pass in training mode the layer sets ``bias`` and ``logs`` so that its
     output has zero mean and unit variance per channel on that batch. Under ``torch.distributed``
@@ -18,10 +18,17 @@ class ActNorm(nn.Module):
     (the global batch), not one initialisation per replica. A channel with (near) zero variance
     keeps scale 1 instead of dividing by zero. ``initialized`` is a buffer: it is saved and
     loaded with the model, so a restored model is never re-initialised.
+
+    ``logscale_factor`` is openai/glow's reparameterisation (``tfops.actnorm``, default 3): the
+    parameter stored is ``s / logscale_factor``, so the optimiser moves the log-scale
+    ``logscale_factor`` times faster. The map is the same for any factor; only training differs.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, logscale_factor: float = 1.0):
         super().__init__()
+        if not float(logscale_factor) > 0:
+            raise ValueError(f"logscale_factor must be > 0, got {logscale_factor}")
+        self.logscale_factor = float(logscale_factor)
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.register_buffer("initialized", torch.tensor(False))
@@ -47,23 +54,27 @@ class ActNorm(nn.Module):
         std = var.sqrt()
         std = torch.where(std > _MIN_STD, std, torch.ones_like(std))
         self.bias.copy_((-mean).view_as(self.bias))
-        self.logs.copy_((-std.log()).view_as(self.logs))
+        self.logs.copy_((-std.log() / self.logscale_factor).view_as(self.logs))
         self.initialized.fill_(True)
         self._initialized = True
 
+    def log_scale(self) -> torch.Tensor:
+        """The log-scale ``s = logscale_factor · logs``, [1, C, 1, 1]."""
+        return self.logs if self.logscale_factor == 1.0 else self.logs * self.logscale_factor
+
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer as ``y = s·x + c`` per channel: (s, c), each [C]."""
-        scale = torch.exp(self.logs).view(-1)
+        """The layer as ``y = a·x + c`` per channel: (a, c), each [C]."""
+        scale = torch.exp(self.log_scale()).view(-1)
         return scale, self.bias.view(-1) * scale
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         """The data-independent log-det as a scalar."""
-        return height * width * exact(self.logs).sum()
+        return height * width * exact(self.log_scale()).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not self._initialized:
             self.initialize(x)
-        return (x + self.bias) * torch.exp(self.logs), per_sample(self.logdet(x.shape[2], x.shape[3]), x)
+        return (x + self.bias) * torch.exp(self.log_scale()), per_sample(self.logdet(x.shape[2], x.shape[3]), x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y * torch.exp(-self.logs) - self.bias
+        return y * torch.exp(-self.log_scale()) - self.bias

@@ -69,7 +69,7 @@ def mixing_weights(actnorms, permutations, height: int, width: int
     else:
         weight, logabsdet = _conv1x1_weights(permutations)
         bias = None
-    logs = _vectors([a.logs for a in actnorms])
+    logs = _vectors([a.log_scale() for a in actnorms])
     scale = torch.exp(logs)
     shift = _vectors([a.bias for a in actnorms]) * scale
     composed_bias = (weight @ shift.unsqueeze(2)).squeeze(2)
@@ -83,17 +83,18 @@ def mixing_weights(actnorms, permutations, height: int, width: int
 def nets_supported(nets: Sequence[torch.nn.Module]) -> bool:
     """Whether :func:`coupling_net_weights` handles these networks (CouplingNets of one shape)."""
     def shapes(net):
-        return net.conv1.weight.shape, net.out.conv.weight.shape, net.out.logscale_factor
+        return (net.conv1.weight.shape, net.out.conv.weight.shape, net.out.logscale_factor, net.edge_bias,
+                net.norm1.logscale_factor)
 
     return all(isinstance(n, CouplingNet) for n in nets) and all(shapes(n) == shapes(nets[0]) for n in nets)
 
 
 def coupling_net_weights(nets: Sequence[CouplingNet], dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
     """:meth:`CouplingNet.folded_weights` of K networks of one shape, computed together."""
-    s1 = torch.exp(_vectors([n.norm1.logs for n in nets]))
+    s1 = torch.exp(_vectors([n.norm1.log_scale() for n in nets]))
     w1 = torch.stack([n.conv1.weight for n in nets]) * s1.view(*s1.shape, 1, 1, 1)
     c1 = _vectors([n.norm1.bias for n in nets]) * s1
-    s2 = torch.exp(_vectors([n.norm2.logs for n in nets]))
+    s2 = torch.exp(_vectors([n.norm2.log_scale() for n in nets]))
     w2 = torch.stack([n.conv2.weight.view(n.conv2.out_channels, -1) for n in nets]) * s2.unsqueeze(2)
     c2 = _vectors([n.norm2.bias for n in nets]) * s2
     factor = nets[0].out.logscale_factor

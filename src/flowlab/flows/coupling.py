@@ -7,6 +7,39 @@ from torch import nn
 from .actnorm import ActNorm
 from .utils import LOG_SCALE_BOUND, exact, pointwise_conv, sum_except_batch
 
+_EDGE_MAPS: dict[tuple, torch.Tensor] = {}
+
+
+def _edge_map(height: int, width: int, pad: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1, 1, H + 2·pad, W + 2·pad]: 1 in the zero padding around the image, 0 inside it."""
+    key = (height, width, pad, dtype, device)
+    if key not in _EDGE_MAPS:
+        edge = torch.ones(1, 1, height + 2 * pad, width + 2 * pad, dtype=dtype, device=device)
+        edge[:, :, pad:pad + height, pad:pad + width] = 0
+        _EDGE_MAPS[key] = edge
+    return _EDGE_MAPS[key]
+
+
+def conv_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              edge_bias: bool = False) -> torch.Tensor:
+    """A 'SAME' (zero-padded) k×k convolution, optionally with Glow's edge bias.
+
+    ``edge_bias`` is openai/glow's ``add_edge_padding`` (``tfops.conv2d`` / ``conv2d_zeros``,
+    on by default there): the padded input gets one more channel that is 1 in the padding and 0
+    inside the image, so the network can tell zero padding from zero pixels. ``weight`` then has
+    ``C + 1`` input channels. That channel is the same for every image, so its contribution is a
+    fixed [1, C_out, H, W] map, computed once and added: ``conv(x, W[:, :C]) + conv(edge, W[:, C:])``.
+    """
+    pad = weight.shape[-1] // 2
+    if not edge_bias:
+        return F.conv2d(x, weight, bias, padding=pad)
+    channels = x.shape[1]
+    y = F.conv2d(x, weight[:, :channels], bias, padding=pad)
+    if pad == 0:
+        return y
+    edge = _edge_map(x.shape[2], x.shape[3], pad, weight.dtype, x.device)
+    return y + F.conv2d(edge, weight[:, channels:])
+
 
 class ZeroConv2d(nn.Module):
     """Glow's zero-initialised convolution with a learned output scale ``exp(3·logs)``.
@@ -14,12 +47,16 @@ class ZeroConv2d(nn.Module):
     The last layer of a coupling network (a new affine coupling starts with shift 0 and the
     constant scale σ(2); a new additive one is the identity) and of the learned priors (a new
     prior is N(0, I)). The output scale is folded into the kernel and bias (weight-sized work).
-    The convolution runs in the dtype and memory format of its input.
+    The convolution runs in the dtype and memory format of its input; ``edge_bias``: see
+    :func:`conv_same`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, logscale_factor: float = 3.0):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, logscale_factor: float = 3.0,
+                 edge_bias: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.edge_bias = bool(edge_bias)
+        self.conv = nn.Conv2d(in_channels + int(self.edge_bias), out_channels, kernel_size,
+                              padding=kernel_size // 2)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
@@ -32,7 +69,7 @@ class ZeroConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.folded()
-        return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), padding=self.conv.padding)
+        return conv_same(x, weight.to(x.dtype), bias.to(x.dtype), self.edge_bias)
 
 
 class CouplingNet(nn.Module):
@@ -55,17 +92,22 @@ class CouplingNet(nn.Module):
     * ``channels_last``: the hidden activations are kept channels-last (NHWC), where the 1×1
       convolution is one matrix product over all pixels and oneDNN / cuDNN run their fastest 3×3
       kernels. The output (2·C channels, small) is then channels-last as well.
+
+    ``edge_bias`` and ``logscale_factor`` (of the two ActNorms) are openai/glow's switches, see
+    :func:`conv_same` and :class:`ActNorm`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, edge_bias: bool = False,
+                 logscale_factor: float = 1.0):
         super().__init__()
         self.compute_dtype: torch.dtype | None = None
         self.channels_last = False
-        self.conv1 = nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False)
-        self.norm1 = ActNorm(hidden_channels)
+        self.edge_bias = bool(edge_bias)
+        self.conv1 = nn.Conv2d(in_channels + int(self.edge_bias), hidden_channels, 3, padding=1, bias=False)
+        self.norm1 = ActNorm(hidden_channels, logscale_factor)
         self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 1, bias=False)
-        self.norm2 = ActNorm(hidden_channels)
-        self.out = ZeroConv2d(hidden_channels, out_channels)
+        self.norm2 = ActNorm(hidden_channels, logscale_factor)
+        self.out = ZeroConv2d(hidden_channels, out_channels, edge_bias=edge_bias)
         nn.init.normal_(self.conv1.weight, std=0.05)
         nn.init.normal_(self.conv2.weight, std=0.05)
 
@@ -73,9 +115,9 @@ class CouplingNet(nn.Module):
     def _initialize(self, x: torch.Tensor) -> None:
         """Data-dependent initialisation of both ActNorms, in the input's dtype and layout."""
         if not self.norm1._initialized:
-            self.norm1.initialize(F.conv2d(x, self.conv1.weight.to(x.dtype), padding=1))
+            self.norm1.initialize(conv_same(x, self.conv1.weight.to(x.dtype), None, self.edge_bias))
         w1, c1 = self.folded_weights(x.dtype)[:2]
-        h = F.relu(F.conv2d(x, w1, c1, padding=1))
+        h = F.relu(conv_same(x, w1, c1, self.edge_bias))
         if not self.norm2._initialized:
             self.norm2.initialize(pointwise_conv(h, self.conv2.weight.view(self.conv2.out_channels, -1)))
 
@@ -96,7 +138,7 @@ class CouplingNet(nn.Module):
         dtype = self.compute_dtype or x.dtype
         w1, c1, w2, c2, w3, b3 = self.folded_weights(dtype) if weights is None else weights
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        h = F.relu(F.conv2d(x.to(dtype=dtype, memory_format=layout), w1, c1, padding=1), inplace=True)
+        h = F.relu(conv_same(x.to(dtype=dtype, memory_format=layout), w1, c1, self.edge_bias), inplace=True)
         if self.channels_last:
             # NHWC: the 1×1 convolution is one [B·H·W, C] × [C, C] product. ReLU in place on the
             # product itself (not on a view of it, which autograd would undo with full copies).
@@ -105,18 +147,19 @@ class CouplingNet(nn.Module):
             h = F.relu(flat, inplace=True).view(b, height, width, -1).permute(0, 3, 1, 2)
         else:
             h = F.relu(pointwise_conv(h, w2, c2), inplace=True)
-        return F.conv2d(h, w3, b3, padding=self.out.conv.padding).to(x.dtype)
+        return conv_same(h, w3, b3, self.edge_bias).to(x.dtype)
 
 
 class _Coupling(nn.Module):
     """Splits channels into a conditioning half ``x_a`` (left unchanged) and a transformed half ``x_b``."""
 
-    def __init__(self, channels: int, hidden_channels: int, params_per_channel: int):
+    def __init__(self, channels: int, hidden_channels: int, params_per_channel: int, **net_options):
         super().__init__()
         if channels < 2:
             raise ValueError(f"a coupling layer needs at least 2 channels, got {channels}")
         self.split = channels // 2
-        self.net = CouplingNet(self.split, params_per_channel * (channels - self.split), hidden_channels)
+        self.net = CouplingNet(self.split, params_per_channel * (channels - self.split), hidden_channels,
+                               **net_options)
 
 
 class AffineCoupling(_Coupling):
@@ -125,8 +168,8 @@ class AffineCoupling(_Coupling):
     ``log σ(s + 2)`` is clamped at ``−LOG_SCALE_BOUND`` so the scale stays invertible in float32.
     """
 
-    def __init__(self, channels: int, hidden_channels: int):
-        super().__init__(channels, hidden_channels, params_per_channel=2)
+    def __init__(self, channels: int, hidden_channels: int, **net_options):
+        super().__init__(channels, hidden_channels, params_per_channel=2, **net_options)
 
     def _shift_logscale(self, x_a: torch.Tensor, net_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
         shift, raw_scale = self.net(x_a, net_weights).chunk(2, dim=1)
@@ -152,8 +195,8 @@ class AffineCoupling(_Coupling):
 class AdditiveCoupling(_Coupling):
     """NICE / Glow additive coupling: ``y_b = x_b + t(x_a)``; volume preserving."""
 
-    def __init__(self, channels: int, hidden_channels: int):
-        super().__init__(channels, hidden_channels, params_per_channel=1)
+    def __init__(self, channels: int, hidden_channels: int, **net_options):
+        super().__init__(channels, hidden_channels, params_per_channel=1, **net_options)
 
     def forward(self, x: torch.Tensor, net_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]

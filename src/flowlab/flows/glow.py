@@ -22,25 +22,30 @@ from .nxn import InvertibleNxNConv
 from .permute import Reverse, Shuffle
 from .utils import per_sample, pointwise_conv
 
+#: channel-mixing layers by name: (channels, kernel_size, form of the n×n conv's 1×1) -> layer
 PERMUTATIONS = {
-    "nxn": lambda c, k: InvertibleNxNConv(c, kernel_size=k, lu=True),
-    "conv1x1": lambda c, k: InvertibleConv1x1(c, lu=False),
-    "conv1x1_lu": lambda c, k: InvertibleConv1x1(c, lu=True),
-    "reverse": lambda c, k: Reverse(c),
-    "shuffle": lambda c, k: Shuffle(c),
-    "emerging": lambda c, k: EmergingConv(c, kernel_size=k, lu=True),
+    "nxn": lambda c, k, inner: InvertibleNxNConv(c, kernel_size=k, lu=inner == "lu"),
+    "conv1x1": lambda c, k, inner: InvertibleConv1x1(c, lu=False),
+    "conv1x1_lu": lambda c, k, inner: InvertibleConv1x1(c, lu=True),
+    "reverse": lambda c, k, inner: Reverse(c),
+    "shuffle": lambda c, k, inner: Shuffle(c),
+    "emerging": lambda c, k, inner: EmergingConv(c, kernel_size=k, lu=True),
 }
 COUPLINGS = {"affine": AffineCoupling, "additive": AdditiveCoupling}
+#: forms of the 1×1 convolution inside the n×n conv (``nxn_conv1x1``)
+CONV1X1_FORMS = ("plain", "lu")
 
 
 class FlowStep(nn.Module):
     """ActNorm → channel mixing → coupling."""
 
-    def __init__(self, channels: int, hidden_channels: int, permutation: str, coupling: str, kernel_size: int = 3):
+    def __init__(self, channels: int, hidden_channels: int, permutation: str, coupling: str, kernel_size: int = 3,
+                 nxn_conv1x1: str = "plain", edge_bias: bool = False, actnorm_logscale_factor: float = 1.0):
         super().__init__()
-        self.actnorm = ActNorm(channels)
-        self.permutation = PERMUTATIONS[permutation](channels, kernel_size)
-        self.coupling = COUPLINGS[coupling](channels, hidden_channels)
+        self.actnorm = ActNorm(channels, actnorm_logscale_factor)
+        self.permutation = PERMUTATIONS[permutation](channels, kernel_size, nxn_conv1x1)
+        self.coupling = COUPLINGS[coupling](channels, hidden_channels, edge_bias=edge_bias,
+                                            logscale_factor=actnorm_logscale_factor)
 
         # ActNorm followed by a mixing layer that is affine per pixel (1×1 conv, n×n conv) is one
         # composed 1×1 convolution: weights composed once per step, one matrix product per pixel.
@@ -75,7 +80,7 @@ class FlowStep(nn.Module):
             return self.actnorm.inverse(self.permutation.inverse(y))
         # x = diag(1/s)·(A⁻¹ y + c') − b  with the mixing layer's inverse (A⁻¹, c').
         weight_inv, bias_inv = self.permutation.inverse_affine()
-        inv_scale = torch.exp(-self.actnorm.logs).view(-1, 1)
+        inv_scale = torch.exp(-self.actnorm.log_scale()).view(-1, 1)
         weight = weight_inv * inv_scale
         bias = -self.actnorm.bias.view(-1)
         if bias_inv is not None:
@@ -84,7 +89,15 @@ class FlowStep(nn.Module):
 
 
 class Glow(MultiScaleFlow):
-    """Glow with a configurable channel-mixing layer (``permutation``)."""
+    """Glow with a configurable channel-mixing layer (``permutation``).
+
+    ``nxn_conv1x1``: the form of the 1×1 convolution inside the n×n conv, ``"plain"`` (a free
+    matrix, openai/glow's default 1×1, so ``permutation=nxn`` pairs with ``conv1x1``) or ``"lu"``
+    (pairs with ``conv1x1_lu``); ignored by the other permutations. ``edge_bias`` and
+    ``actnorm_logscale_factor``: openai/glow's edge-bias padding channel in the 3×3 convolutions
+    of the coupling networks and priors (:func:`flowlab.flows.coupling.conv_same`) and its ActNorm
+    log-scale factor (3 there; :class:`ActNorm`); both off (False, 1) by default.
+    """
 
     def __init__(
         self,
@@ -98,18 +111,31 @@ class Glow(MultiScaleFlow):
         learn_top: bool = True,
         n_bits: int = 8,
         kernel_size: int = 3,
+        nxn_conv1x1: str = "plain",
+        edge_bias: bool = False,
+        actnorm_logscale_factor: float = 1.0,
     ):
         if permutation not in PERMUTATIONS:
             raise ConfigError(f"model.permutation={permutation!r} is unknown; allowed: {', '.join(PERMUTATIONS)}")
         if coupling not in COUPLINGS:
             raise ConfigError(f"model.coupling={coupling!r} is unknown; allowed: {', '.join(COUPLINGS)}")
+        if nxn_conv1x1 not in CONV1X1_FORMS:
+            raise ConfigError(f"model.nxn_conv1x1={nxn_conv1x1!r} is unknown; allowed: {', '.join(CONV1X1_FORMS)}")
+        if not isinstance(edge_bias, bool):
+            raise ConfigError(f"model.edge_bias={edge_bias!r} is not allowed: it must be true or false")
+        if isinstance(actnorm_logscale_factor, bool) or not isinstance(actnorm_logscale_factor, (int, float)) \
+                or not actnorm_logscale_factor > 0:
+            raise ConfigError(f"model.actnorm_logscale_factor={actnorm_logscale_factor!r} is not allowed: "
+                              "it must be a number > 0 (openai/glow uses 3, 1 is the plain ActNorm)")
         super().__init__(in_channels, image_size, K, L, hidden_channels, n_bits)
         self.permutation, self.coupling = permutation, coupling
+        self.edge_bias = edge_bias
 
         shape = (in_channels, *self.image_size)
         for _ in range(L):
             channels, height, width = shape[0] * 4, shape[1] // 2, shape[2] // 2
-            steps = [FlowStep(channels, hidden_channels, permutation, coupling, kernel_size) for _ in range(K)]
+            steps = [FlowStep(channels, hidden_channels, permutation, coupling, kernel_size, nxn_conv1x1, edge_bias,
+                              float(actnorm_logscale_factor)) for _ in range(K)]
             shape = self.add_level([Squeeze(), *steps], (channels, height, width))
         self.finish(shape, learn_top)
 

@@ -51,13 +51,14 @@ def gaussian_sample(mean: torch.Tensor, logs: torch.Tensor, temperature: float) 
 class SplitPrior(nn.Module):
     """Glow's split: factor out half the channels, with N(mean, exp(logs)²) predicted from the kept half.
 
-    The predicting convolution is zero-initialised, so a new prior is N(0, I).
+    The predicting convolution is zero-initialised, so a new prior is N(0, I); ``edge_bias`` as in
+    openai/glow's ``split2d_prior`` (see :func:`flowlab.flows.coupling.conv_same`).
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, edge_bias: bool = False):
         super().__init__()
         self.keep = channels // 2
-        self.conv = ZeroConv2d(self.keep, 2 * (channels - self.keep))
+        self.conv = ZeroConv2d(self.keep, 2 * (channels - self.keep), edge_bias=edge_bias)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[:, : self.keep], x[:, self.keep :]

@@ -75,7 +75,9 @@ def _sweep_rows(sweep_dir) -> list[dict]:
         samples = sorted((job / "samples").glob("*_T0.70.png")) or sorted((job / "samples").glob("*.png"))
         rows.append({
             "job": job.name, "model": target,
-            "permutation": "realnvp" if target == "RealNVP" else model.get("permutation"),
+            "permutation": "realnvp" if target == "RealNVP" else (
+                "nxn_lu" if model.get("permutation") == "nxn" and model.get("nxn_conv1x1") == "lu"
+                else model.get("permutation")),
             "data": str((cfg.get("data") or {}).get("_target_", "")).rsplit(".", 1)[-1].replace("DataModule", ""),
             "seed": cfg.get("seed"), "test/bpd": res.get("test/bpd"), "params": res.get("params"),
             "steps": res.get("global_step"),
