@@ -29,7 +29,8 @@ PERMUTATIONS = {
     "conv1x1_lu": lambda c, k, inner: InvertibleConv1x1(c, lu=True),
     "reverse": lambda c, k, inner: Reverse(c),
     "shuffle": lambda c, k, inner: Shuffle(c),
-    "emerging": lambda c, k, inner: EmergingConv(c, kernel_size=k, lu=True),
+    # ehoogeboom/emerging trains with the plain 1×1 matrix (--decomposition '' by default)
+    "emerging": lambda c, k, inner: EmergingConv(c, kernel_size=k, lu=False),
 }
 COUPLINGS = {"affine": AffineCoupling, "additive": AdditiveCoupling}
 #: forms of the 1×1 convolution inside the n×n conv (``nxn_conv1x1``)
