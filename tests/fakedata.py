@@ -14,10 +14,12 @@ Formats:
   write_cifar10      <root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}: pickle
                      (protocol 2) dicts with "data" uint8 [N, 3072] channel-planar, "labels" list of int,
                      as torchvision reads them (keys str, or bytes with keys="bytes").
-  write_imagenet_npz <root>/{train_data_batch_<i>.npz, val_data.npz} (or the release's subfolders
+  write_imagenet_npz Chrabaszcz et al.'s release (data=imagenet<r>_chrabaszcz):
+                     <root>/{train_data_batch_<i>.npz, val_data.npz} (or the release's subfolders
                      Imagenet<r>_train_npz/ + Imagenet<r>_val_npz/): "data" uint8 [N, 3*r*r]
                      channel-planar, "labels" 1..1000 (train batches also hold "mean").
-  write_imagenet_png <root>/{train_<r>x<r>, valid_<r>x<r>}/<i>.png
+  write_imagenet_png van den Oord et al.'s release (data=imagenet<r>):
+                     <root>/{train_<r>x<r>, valid_<r>x<r>}/<i>.png
   write_celebahq     <root>/<i>.png|jpg (natural order = split order)
   write_idx          <root>/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
 Damage: truncate(path), garbage(path), write_idx(..., magic=...) for a wrong magic number.
@@ -183,13 +185,16 @@ def write_idx(root, n_train: int = 60, n_test: int = 20, gz: bool = True, seed: 
 # ---- everything at once ------------------------------------------------------------------------------
 def write_all(data_dir, seed: int = 0) -> Path:
     """Every dataset small, in the folders ``conf/data`` expects under ``paths.data_dir``:
-    cifar-10-batches-py/, imagenet32/ (npz, release subfolders), imagenet64/ (npz),
+    cifar-10-batches-py/, imagenet32/ and imagenet64/ (van den Oord PNG folders),
+    imagenet32_chrabaszcz/ (npz, release subfolders) and imagenet64_chrabaszcz/ (npz),
     celebahq256/ (20 PNGs, 256x256), mnist/ and fashion-mnist/ (gzipped IDX). Returns data_dir.
     With ``SMALL_OVERRIDES`` every ``data=<choice>`` trains for at least one batch."""
     d = Path(data_dir)
     write_cifar10(d, n_train=40, n_test=10, seed=seed)
-    write_imagenet_npz(d / "imagenet32", 32, n_train=40, n_val=10, subfolders=True, seed=seed)
-    write_imagenet_npz(d / "imagenet64", 64, n_train=40, n_val=10, seed=seed)
+    write_imagenet_png(d / "imagenet32", 32, n_train=40, n_val=10, seed=seed)
+    write_imagenet_png(d / "imagenet64", 64, n_train=40, n_val=10, seed=seed)
+    write_imagenet_npz(d / "imagenet32_chrabaszcz", 32, n_train=40, n_val=10, subfolders=True, seed=seed)
+    write_imagenet_npz(d / "imagenet64_chrabaszcz", 64, n_train=40, n_val=10, seed=seed)
     write_celebahq(d / "celebahq256", n=20, size=256, seed=seed)
     write_idx(d / "mnist", n_train=40, n_test=10, seed=seed)
     write_idx(d / "fashion-mnist", n_train=40, n_test=10, seed=seed)

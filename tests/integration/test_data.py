@@ -23,8 +23,10 @@ REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _all(ds):
-    """Every (image, label) of a dataset, in order, through the per-item path."""
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    """Every (image, label) of a dataset, in order, through the per-item path; checks that item i carries
+    index i (its position in the split)."""
+    xs, ys, idx = zip(*(ds[i] for i in range(len(ds))))
+    assert list(idx) == list(range(len(ds)))
     return torch.stack(xs), torch.tensor(ys)
 
 
@@ -61,7 +63,8 @@ def test_n_bits_validated_before_touching_disk(bad):
 
 def test_init_only_validates_arguments():
     for cls in (fd.CIFAR10DataModule, fd.MNISTDataModule, fd.CelebAHQDataModule, fd.ImageNetDownsampledDataModule):
-        cls("/nonexistent/never/read")  # no DataError until prepare_data/setup
+        dm = cls("/nonexistent/never/read")  # no DataError until prepare_data/setup
+        assert "not read yet" in dm.describe()
 
 
 @pytest.mark.parametrize("kwargs, key", [
@@ -83,6 +86,11 @@ def test_imagenet_resolution_and_size_must_agree():
         fd.ImageNetDownsampledDataModule("/x", resolution=32, image_size=64)
     dm = fd.ImageNetDownsampledDataModule("/x", resolution=64)
     assert (dm.image_size, dm.channels, dm.num_classes, dm.name) == (64, 3, 1000, "imagenet64")
+    assert dm.release == "oord"
+    assert fd.ImageNetDownsampledDataModule("/x", resolution=32, release="chrabaszcz").name == "imagenet32_chrabaszcz"
+    with pytest.raises(ConfigError) as e:
+        fd.ImageNetDownsampledDataModule("/x", release="npz")
+    assert "data.release='npz'" in str(e.value) and "'oord'" in str(e.value) and "'chrabaszcz'" in str(e.value)
 
 
 # ---- CIFAR-10 ---------------------------------------------------------------------------------------------
@@ -137,6 +145,11 @@ def test_dataloaders_shuffle_and_drop_only_for_training(tmp_path):
     for loader, ds in ((dm.val_dataloader(), dm.val_dataset), (dm.test_dataloader(), dm.test_dataset)):
         xs = torch.cat([b[0] for b in loader])
         assert len(loader) == 3 and torch.equal(xs, _all(ds)[0])  # all 10, in order, last batch of 2
+        index = torch.cat([b[2] for b in loader])
+        assert index.dtype == torch.int64 and index.tolist() == list(range(10))  # each image's position, once
+    # training batches carry the index too: shuffled positions, each at most once per epoch
+    seen = torch.cat([b[2] for b in dm.train_dataloader()])
+    assert len(set(seen.tolist())) == 28 and set(seen.tolist()) <= set(range(30))
     orders = [torch.cat([b[1] for b in dm.train_dataloader()]) for _ in range(3)]
     assert not all(torch.equal(orders[0], o) for o in orders[1:])
 
@@ -225,11 +238,16 @@ def test_cifar10_download_only_when_asked_and_missing(tmp_path, monkeypatch):
 
 
 # ---- downsampled ImageNet --------------------------------------------------------------------------------
+def _npz_module(root, **kw):
+    """The Chrabaszcz et al. npz release (data=imagenet<r>_chrabaszcz)."""
+    return fd.ImageNetDownsampledDataModule(root, release="chrabaszcz", **kw)
+
+
 @pytest.mark.parametrize("resolution, subfolders", [(32, False), (32, True), (64, True)])
 def test_imagenet_npz_channel_planar_and_labels(tmp_path, resolution, subfolders):
     r = resolution
     write_imagenet_npz(tmp_path, r, n_train=30, n_val=7, n_batches=3, subfolders=subfolders)
-    dm = fd.ImageNetDownsampledDataModule(tmp_path, resolution=r, val_size=6, n_bits=8)
+    dm = _npz_module(tmp_path, resolution=r, val_size=6, n_bits=8)
     dm.setup()
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (24, 6, 7)
     vdir = tmp_path / f"Imagenet{r}_val_npz" if subfolders else tmp_path
@@ -245,13 +263,16 @@ def test_imagenet_npz_channel_planar_and_labels(tmp_path, resolution, subfolders
     with np.load(tdir / "train_data_batch_3.npz") as z:
         last = z["data"][-1]
     assert torch.equal(dm.train_dataset.images[29].reshape(-1), torch.from_numpy(last))
+    line = dm.describe()
+    assert line.startswith(f"imagenet{r}_chrabaszcz (Chrabaszcz et al. 2017 npz release, not comparable")
+    assert "train 24 + val 6 images" in line and f"test 7 images from {vdir / 'val_data.npz'}" in line
 
 
 def test_imagenet_ignores_subfolders_of_other_resolution(tmp_path):
     write_imagenet_npz(tmp_path, 32, n_train=10, n_val=3, subfolders=True)
     write_imagenet_npz(tmp_path, 64, n_train=12, n_val=4, subfolders=True)
     for r, n in ((32, 13), (64, 16)):
-        dm = fd.ImageNetDownsampledDataModule(tmp_path, resolution=r, val_size=0)
+        dm = _npz_module(tmp_path, resolution=r, val_size=0)
         dm.setup()
         assert len(dm.train_dataset) + len(dm.test_dataset) == n
         assert dm.test_dataset.images.shape[-1] == r
@@ -266,35 +287,69 @@ def test_imagenet_png_folders(tmp_path):
     x, y = _all(dm.test_dataset)
     expect = torch.from_numpy(random_images(17, 3, 32, 0)[12:]) >> 4
     assert torch.equal(x, expect) and y.tolist() == [0] * 5
-    xb, yb = next(iter(dm.train_dataloader()))
-    assert xb.shape == (4, 3, 32, 32) and int(xb.max()) <= 15 and yb.dtype == torch.int64
+    xb, yb, ib = next(iter(dm.train_dataloader()))
+    assert xb.shape == (4, 3, 32, 32) and int(xb.max()) <= 15 and yb.dtype == torch.int64 and ib.shape == (4,)
+    assert dm.describe() == (f"imagenet32 (van den Oord et al. 2016 PNG release), 4-bit: train 10 + val 2 images "
+                             f"from {tmp_path / 'train_32x32'}; test 5 images from {tmp_path / 'valid_32x32'}")
 
 
-def test_imagenet_prefers_npz_when_both_forms_exist(tmp_path):
+def test_imagenet_each_release_reads_only_its_own_files(tmp_path):
     write_imagenet_png(tmp_path, 32, n_train=5, n_val=2)
     write_imagenet_npz(tmp_path, 32, n_train=9, n_val=4)
-    dm = fd.ImageNetDownsampledDataModule(tmp_path, val_size=0)
+    dm = fd.ImageNetDownsampledDataModule(tmp_path, val_size=0)  # the default: the paper's PNG release
+    dm.setup()
+    assert isinstance(dm.test_dataset, fd.ImageFileDataset) and len(dm.test_dataset) == 2
+    assert "van den Oord" in dm.describe() and "valid_32x32" in dm.describe()
+    dm = _npz_module(tmp_path, val_size=0)
     dm.setup()
     assert isinstance(dm.test_dataset, fd.TensorImageDataset) and len(dm.test_dataset) == 4
+    assert "Chrabaszcz" in dm.describe() and "val_data.npz" in dm.describe()
+
+
+def test_imagenet_npz_only_is_refused_by_the_paper_release(tmp_path):
+    write_imagenet_npz(tmp_path, 32, n_train=9, n_val=4, subfolders=True)
+    with pytest.raises(DataError) as e:
+        fd.ImageNetDownsampledDataModule(tmp_path, val_size=0).setup()
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path) in msg and "Chrabaszcz" in msg and "not comparable" in msg
+    assert "train_32x32/ and valid_32x32/" in msg and "data=imagenet32_chrabaszcz" in msg
+
+
+def test_imagenet_png_only_is_refused_by_the_npz_release(tmp_path):
+    write_imagenet_png(tmp_path, 64, n_train=3, n_val=2)
+    with pytest.raises(DataError) as e:
+        _npz_module(tmp_path, resolution=64, val_size=0).setup()
+    msg = str(e.value)
+    assert "van den Oord" in msg and "data=imagenet64 " in msg and "val_data.npz" in msg
 
 
 def test_imagenet_missing_and_incomplete(tmp_path):
     with pytest.raises(DataError) as e:
         fd.ImageNetDownsampledDataModule(tmp_path / "none").setup()
+    assert str(tmp_path / "none") in str(e.value) and "valid_32x32" in str(e.value)
+    with pytest.raises(DataError) as e:
+        _npz_module(tmp_path / "none").setup()
     assert str(tmp_path / "none") in str(e.value) and "npz" in str(e.value)
     with pytest.raises(DataError, match="not found in"):
         fd.ImageNetDownsampledDataModule(tmp_path).setup()  # exists but empty
+    with pytest.raises(DataError, match="not found in"):
+        _npz_module(tmp_path).setup()
+    write_imagenet_png(tmp_path / "p", 32, n_train=2, n_val=1)
+    (tmp_path / "p" / "valid_32x32" / "0.png").unlink()
+    (tmp_path / "p" / "valid_32x32").rmdir()
+    with pytest.raises(DataError, match="no valid_32x32/"):
+        fd.ImageNetDownsampledDataModule(tmp_path / "p").setup()
     write_imagenet_npz(tmp_path, 32, n_train=4, n_val=2)
     (tmp_path / "val_data.npz").unlink()
     with pytest.raises(DataError, match="no val_data.npz"):
-        fd.ImageNetDownsampledDataModule(tmp_path).setup()
+        _npz_module(tmp_path).setup()
 
 
 def test_imagenet_wrong_resolution_named(tmp_path):
     write_imagenet_npz(tmp_path, 64, n_train=4, n_val=2)
     with pytest.raises(DataError) as e:
-        fd.ImageNetDownsampledDataModule(tmp_path, resolution=32, val_size=0).setup()
-    assert "train_data_batch_1.npz" in str(e.value) and "data=imagenet64" in str(e.value)
+        _npz_module(tmp_path, resolution=32, val_size=0).setup()
+    assert "train_data_batch_1.npz" in str(e.value) and "data=imagenet64_chrabaszcz" in str(e.value)
 
 
 @pytest.mark.parametrize("damage, name", [(truncate, "train_data_batch_2.npz"), (garbage, "val_data.npz")])
@@ -302,7 +357,7 @@ def test_imagenet_corrupt_npz_named(tmp_path, damage, name):
     write_imagenet_npz(tmp_path, 32, n_train=8, n_val=2)
     damage(tmp_path / name)
     with pytest.raises(DataError, match=str(tmp_path / name)):
-        fd.ImageNetDownsampledDataModule(tmp_path, val_size=0).setup()
+        _npz_module(tmp_path, val_size=0).setup()
 
 
 def test_imagenet_png_wrong_size_or_damaged_named_when_read(tmp_path):
@@ -327,8 +382,8 @@ def test_celebahq_split_by_natural_file_order_and_resize(tmp_path):
     dm.setup()
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (15, 3, 2)
     assert [p.name for p in dm.test_dataset.paths] == ["18.png", "19.png"]  # not "8.png", "9.png"
-    x, y = dm.test_dataset[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and int(x.max()) <= 31 and y == 0
+    x, y, i = dm.test_dataset[0]
+    assert i == 0 and x.shape == (3, 32, 32) and x.dtype == torch.uint8 and int(x.max()) <= 31 and y == 0
     with Image.open(tmp_path / "18.png") as im:
         ref = np.asarray(im.resize((32, 32), Image.Resampling.LANCZOS)).transpose(2, 0, 1) >> 3
     assert torch.equal(x, torch.from_numpy(ref.copy()))
@@ -346,7 +401,7 @@ def test_celebahq_native_size_kept_and_jpg_in_subfolders(tmp_path):
     dm = fd.CelebAHQDataModule(tmp_path, image_size=32, n_bits=8, val_size=0)
     dm.setup()
     assert len(dm.train_dataset) + len(dm.test_dataset) == 11
-    x, _ = dm.test_dataset[0]
+    x, _, _ = dm.test_dataset[0]
     with Image.open(dm.test_dataset.paths[0]) as im:
         assert torch.equal(x, torch.from_numpy(np.asarray(im.convert("RGB")).transpose(2, 0, 1).copy()))
 
@@ -356,7 +411,7 @@ def test_celebahq_non_square_and_grey_images(tmp_path):
     Image.new("L", (40, 30), color=200).save(tmp_path / "9.png")
     dm = fd.CelebAHQDataModule(tmp_path, image_size=16, n_bits=8, val_size=0)
     dm.setup("test")
-    x, _ = dm.test_dataset[0]
+    x, _, _ = dm.test_dataset[0]
     assert [p.name for p in dm.test_dataset.paths] == ["9.png"]
     assert x.shape == (3, 16, 16) and int(x.min()) == int(x.max()) == 200
 
@@ -397,8 +452,9 @@ def test_celebahq_damaged_inside_found_when_decoded(tmp_path):
     dm = fd.CelebAHQDataModule(tmp_path, image_size=32, val_size=0, skip_corrupt=True)
     dm.setup()
     with pytest.warns(UserWarning, match="2.png"):
-        x, _ = dm.train_dataset[2]
+        x, _, i = dm.train_dataset[2]
     assert torch.equal(x, dm.train_dataset[3][0])  # the next readable image is served instead
+    assert i == 2  # under the index of the position asked for: each position counts once
     with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 1 images"):
         dm.test_dataset[0]
 
@@ -527,6 +583,7 @@ def test_lightning_fit_and_test_see_the_right_images(tmp_path):
 
 
 CONFIGS = {"cifar10": "cifar10", "imagenet32": "imagenet32", "imagenet64": "imagenet64",
+           "imagenet32_chrabaszcz": "imagenet32_chrabaszcz", "imagenet64_chrabaszcz": "imagenet64_chrabaszcz",
            "celebahq256": "celebahq256", "mnist": "mnist", "fashion_mnist": "fashion_mnist"}
 
 
@@ -557,8 +614,10 @@ def test_config_keys_are_the_constructor_arguments_with_its_defaults(name):
         if key == "root":
             continue
         default = params[key]
-        if name == "imagenet64" and key == "resolution":
-            assert value == 64  # the one difference between the two ImageNet choices
+        if name.startswith("imagenet64") and key == "resolution":
+            assert value == 64  # the differences between the ImageNet choices: resolution and release
+        elif name.startswith("imagenet") and key == "release":
+            assert value == ("chrabaszcz" if name.endswith("_chrabaszcz") else default)
         elif default is None:  # "take it from the data": the YAML states what the data has
             assert value == getattr(dm, key), key
         else:
@@ -575,11 +634,12 @@ def test_every_config_loads_fake_data(name, fake_data_dir):
     assert isinstance(dm, fd.DATAMODULES[name])
     dm.prepare_data()
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
+    x, y, index = next(iter(dm.train_dataloader()))
     assert x.shape == (4, dm.channels, dm.image_size, dm.image_size) and x.dtype == torch.uint8
-    assert int(x.max()) < 2 ** dm.n_bits and y.dtype == torch.int64
+    assert int(x.max()) < 2 ** dm.n_bits and y.dtype == torch.int64 and index.dtype == torch.int64
     dm.setup("test")
     assert len(dm.test_dataset) > 0
+    assert dm.name == name and str(fake_data_dir) in dm.describe()
 
 
 @pytest.mark.parametrize("key", ["hflip", "pin_memory", "skip_corrupt"])

@@ -62,10 +62,10 @@ CONFIG_ERRORS = [
      "callbacks.samples.temperatures=[0.5, -1] is not allowed: temperatures must be finite numbers ≥ 0"),
     (["model.permutation=nope"], f"model.permutation='nope' is unknown; allowed: {PERMS}"),
     (["model/permutation=nope"], "model/permutation=nope is not a known option; available model/permutation "
-                                 "options: conv1x1, conv1x1_lu, emerging, nxn, reverse, shuffle"),
+                                 "options: conv1x1, conv1x1_lu, emerging, nxn, nxn_lu, reverse, shuffle"),
     (["model.coupling=nope"], "model.coupling='nope' is unknown; allowed: affine, additive"),
     (["data=nope"], "data=nope is not a known option; available data options: celebahq256, cifar10, fashion_mnist, "
-                    "imagenet32, imagenet64, mnist"),
+                    "imagenet32, imagenet32_chrabaszcz, imagenet64, imagenet64_chrabaszcz, mnist"),
     (["optim.max_consecutive_skips=0"], "optim.max_consecutive_skips=0 is not allowed: give the number of skipped"),
     (["callbacks.invertibility.every_n_steps=0"],
      "callbacks.invertibility.every_n_steps=0 is not allowed: it must be an integer ≥ 1"),
@@ -145,10 +145,10 @@ def test_a_corrupt_file_is_named(fault, tmp_path):
         (garbage if fault == "cifar_garbage" else truncate)(bad)
         data, extra = "cifar10", []
     elif fault.startswith("npz"):
-        write_imagenet_npz(root / "imagenet32", 32, n_train=40, n_val=10)
-        bad = root / "imagenet32" / ("val_data.npz" if fault == "npz_garbage" else "train_data_batch_2.npz")
+        write_imagenet_npz(root / "imagenet32_chrabaszcz", 32, n_train=40, n_val=10)
+        bad = root / "imagenet32_chrabaszcz" / ("val_data.npz" if fault == "npz_garbage" else "train_data_batch_2.npz")
         (garbage if fault == "npz_garbage" else truncate)(bad)
-        data, extra = "imagenet32", []
+        data, extra = "imagenet32_chrabaszcz", []
     elif fault.startswith("idx"):
         files = write_idx(root / "mnist", n_train=40, n_test=10,
                           magic={"train-images-idx3-ubyte": 2049} if fault == "idx_magic" else None)

@@ -12,12 +12,11 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset
 
 from flowlab.errors import ConfigError, UserError
 
 __all__ = ["container", "instantiate_datamodule", "prepare_data", "instantiate_loggers", "instantiate_callbacks",
-           "instantiate_trainer", "save_run_config", "is_main_process", "IndexedDataset", "check_data_fits_model",
+           "instantiate_trainer", "save_run_config", "is_main_process", "check_data_fits_model",
            "run_dir", "claim_output_dir"]
 
 
@@ -67,25 +66,6 @@ def claim_output_dir(folder: Path, earlier_outputs: tuple[str, ...] = ()) -> Pat
 
 
 # ---- data -------------------------------------------------------------------------------------------
-class IndexedDataset(Dataset):
-    """Items of ``dataset`` with their index appended, ``(x, y, index)``: evaluation noise is keyed by it."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        x, y = self.dataset[i][:2]
-        return x, y, i
-
-    def __getitems__(self, idx):
-        getitems = getattr(self.dataset, "__getitems__", None)
-        items = getitems(idx) if getitems is not None else [self.dataset[i] for i in idx]
-        return [(it[0], it[1], i) for it, i in zip(items, idx)]
-
-
 def instantiate_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     try:
         return hydra.utils.instantiate(cfg.data, _convert_="all")
@@ -98,16 +78,17 @@ def instantiate_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         raise
 
 
-def prepare_data(datamodule: pl.LightningDataModule, stages: tuple[str, ...] = ("fit", "test")) -> None:
-    """Find and read the data now (missing or corrupt files fail here, before training), and make the
-    validation and test sets yield their indices."""
+def prepare_data(datamodule: pl.LightningDataModule, stages: tuple[str, ...] = ("fit", "test")) -> str:
+    """Find and read the data now (missing or corrupt files fail here, before training); print, in the main
+    process, the one line that says which data this is (``data: <describe()>``) and return that line."""
     datamodule.prepare_data()
     for stage in stages:
         datamodule.setup(stage)
-    for attr in ("val_dataset", "test_dataset"):
-        ds = getattr(datamodule, attr, None)
-        if ds is not None and not isinstance(ds, IndexedDataset):
-            setattr(datamodule, attr, IndexedDataset(ds))
+    describe = getattr(datamodule, "describe", None)
+    line = describe() if callable(describe) else type(datamodule).__name__
+    if is_main_process():
+        print(f"data: {line}", flush=True)
+    return line
 
 
 def check_data_fits_model(datamodule, model_hp: Mapping, where: str) -> None:

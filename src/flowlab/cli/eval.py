@@ -43,7 +43,7 @@ def evaluate(cfg: DictConfig) -> float:
 
     datamodule = build.instantiate_datamodule(cfg)
     build.check_data_fits_model(datamodule, ckpt["hyper_parameters"]["model"], f"checkpoint {path}")
-    build.prepare_data(datamodule, ("test",) if split == "test" else ("fit",))
+    data_line = build.prepare_data(datamodule, ("test",) if split == "test" else ("fit",))  # prints "data: ..."
     if split == "val":  # evaluate the validation set through the test loop
         datamodule.test_dataset = datamodule.val_dataset
 
@@ -61,7 +61,7 @@ def evaluate(cfg: DictConfig) -> float:
         out_dir = build.claim_output_dir(out_dir, ("results.json",))  # never overwrite an earlier evaluation
         record = {f"{split}/bpd": bpd, "draws": draws, "per_draw": per_draw, "checkpoint": str(path),
                   "eval_seed": int(module.hparams.eval_seed), "use_ema": module.use_ema and module.ema is not None,
-                  "global_step": int(ckpt.get("global_step", -1))}
+                  "global_step": int(ckpt.get("global_step", -1)), "data": data_line}
         (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"checkpoint: {path} (step {record['global_step']}), {split} set, {draws} draw(s)", flush=True)
         print(f"run directory: {out_dir}", flush=True)

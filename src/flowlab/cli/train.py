@@ -83,7 +83,7 @@ def train(cfg: DictConfig) -> float:
                         data=build.container(cfg.data))
     build.check_data_fits_model(datamodule, model_hp, "this config")
     resume = _resume_checkpoint(cfg, out_dir, model_hp)
-    build.prepare_data(datamodule, ("fit", "test"))
+    data_line = build.prepare_data(datamodule, ("fit", "test"))  # prints "data: <which data>" once
     callbacks = build.instantiate_callbacks(cfg)
     preemption = Preemption()  # SIGTERM/SIGUSR1: save last.ckpt, then exit; RNG state in checkpoints
     callbacks.append(preemption)
@@ -116,7 +116,7 @@ def train(cfg: DictConfig) -> float:
 
     if trainer.is_global_zero:
         record = {"test/bpd": bpd, "checkpoint": test_ckpt, "global_step": int(trainer.global_step),
-                  "params": params, "run_dir": str(out_dir)}
+                  "params": params, "run_dir": str(out_dir), "data": data_line}
         (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         if sync_hint:
             print(sync_hint, flush=True)

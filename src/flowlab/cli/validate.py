@@ -66,7 +66,7 @@ def _number(value, key: str, low: float, high: float | None = None, low_open: bo
 def _check_data(cfg: DictConfig) -> None:
     if not _present(cfg, "data"):
         raise ConfigError("data is not set: choose a dataset with data=<name> (cifar10, imagenet32, imagenet64, "
-                          "celebahq256, mnist, fashion_mnist)")
+                          "imagenet32_chrabaszcz, imagenet64_chrabaszcz, celebahq256, mnist, fashion_mnist)")
     check_n_bits(_get(cfg, "data.n_bits", 8), key="data.n_bits")
     for key in ("data.image_size", "data.channels"):
         v = _get(cfg, key, None)

@@ -5,8 +5,11 @@ returning an in-memory ``TensorSource`` or a lazily decoded ``FileSource``); the
 validates arguments, reduces images to ``n_bits``, carves a deterministic validation split out of
 the training images and builds the DataLoaders. Lightning adds a DistributedSampler under DDP.
 
-Batches are ``(x, y)``: ``x`` uint8 ``[B, C, H, W]`` with values in ``0 .. 2**n_bits - 1``,
-``y`` int64 labels. See :mod:`flowlab.data.transforms` for the pixel convention.
+Batches of every split are ``(x, y, index)``: ``x`` uint8 ``[B, C, H, W]`` with values in
+``0 .. 2**n_bits - 1``, ``y`` int64 labels, ``index`` int64 positions of the images in their split
+(fixed by the split alone; evaluation keys its noise and counts each image once by it, see
+:mod:`flowlab.data.datasets`). See :mod:`flowlab.data.transforms` for the pixel convention.
+``describe()`` says in one line which data a run read.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ class FlowDataModule(pl.LightningDataModule):
     resizable: ClassVar[bool] = False
     #: classes of the labels (1 where the data has no labels and every label is 0)
     num_classes: int = 1
+    #: the on-disk form or release read, in words, for ``describe()`` (subclasses)
+    form: str = ""
 
     def __init__(self, root: str | Path, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  n_bits: int = 8, hflip: bool = False, val_size: int | float = 5000, seed: int = 0,
@@ -141,6 +146,7 @@ class FlowDataModule(pl.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+        self._origins: dict[str, str] = {}  # split -> the file(s) or folder it was read from
 
     # ---- what subclasses provide -------------------------------------------------------------
     def _load_train_pool(self) -> TensorSource | FileSource:
@@ -174,10 +180,27 @@ class FlowDataModule(pl.LightningDataModule):
             train_idx, val_idx = self._split_indices(len(pool), pool.origin)
             self.train_dataset = self._make_dataset(pool, train_idx, hflip=self.hflip)
             self.val_dataset = self._make_dataset(pool, val_idx, hflip=False)
+            self._origins["train"] = pool.origin
         if stage in (None, "test", "predict") and self.test_dataset is None:
             test = self._load_test()
             self._check_source(test)
             self.test_dataset = self._make_dataset(test, None, hflip=False)
+            self._origins["test"] = test.origin
+
+    def describe(self) -> str:
+        """One line saying which data this is: the dataset, its form or release, n_bits, and for each split
+        set up so far the number of images and where they were read from, e.g.
+        ``imagenet32 (van den Oord et al. 2016 PNG release), 8-bit: train 1271167 + val 10000 images from
+        /data/imagenet32/train_32x32; test 50000 images from /data/imagenet32/valid_32x32``."""
+        head = (self.name or type(self).__name__) + (f" ({self.form})" if self.form else "") + f", {self.n_bits}-bit"
+        parts = []
+        if self.train_dataset is not None:
+            n_val = len(self.val_dataset) if self.val_dataset is not None else 0
+            where = self._origins.get("train", self.root)
+            parts.append(f"train {len(self.train_dataset)} + val {n_val} images from {where}")
+        if self.test_dataset is not None:
+            parts.append(f"test {len(self.test_dataset)} images from {self._origins.get('test', self.root)}")
+        return f"{head}: " + ("; ".join(parts) if parts else f"{self.root}, not read yet (call setup() first)")
 
     def train_dataloader(self) -> DataLoader:
         ds = self._require(self.train_dataset, "train")

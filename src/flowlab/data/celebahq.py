@@ -32,6 +32,7 @@ class CelebAHQDataModule(FlowDataModule):
     """
 
     name = "celebahq256"
+    form = "image files"
     native_channels = 3
     native_image_size = 256
     resizable = True

@@ -74,6 +74,7 @@ class CIFAR10DataModule(FlowDataModule):
     """
 
     name = "cifar10"
+    form = "torchvision python batches"
     native_channels = 3
     native_image_size = 32
     num_classes = 10

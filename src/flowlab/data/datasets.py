@@ -1,4 +1,10 @@
-"""Map-style datasets yielding ``(uint8 image [C, H, W] reduced to n_bits, int label)``.
+"""Map-style datasets yielding ``(x, y, index)``: ``x`` a uint8 image ``[C, H, W]`` reduced to n_bits,
+``y`` its int label, ``index`` its int position in this split (``0 .. len - 1``).
+
+The index is fixed by the split alone, not by batching, shuffling or the number of processes, so
+evaluation keys its dequantisation noise and its per-image bits/dim by it: every image counts once,
+and DistributedSampler's padded repeats of the first images are recognised as repeats. Every split
+yields it (training ignores it), so all batches have the same form.
 
 ``TensorImageDataset`` serves images held in memory (CIFAR-10, MNIST, ImageNet npz): one
 tensor for the whole set, an index list for the split, and a batched ``__getitems__`` so that a
@@ -30,8 +36,9 @@ def _flip_mask(n: int) -> torch.Tensor:
 class TensorImageDataset(Dataset):
     """Images ``uint8 [N, C, H, W]`` (already reduced to n_bits) and labels ``int64 [N]`` in memory.
 
-    ``indices`` selects this split's rows without copying the images; ``hflip`` flips each image
-    horizontally with probability 1/2 at every access (training augmentation).
+    ``indices`` selects this split's rows without copying the images; item ``i`` is
+    ``(images[indices[i]], labels[indices[i]], i)``. ``hflip`` flips each image horizontally with
+    probability 1/2 at every access (training augmentation).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None,
@@ -49,18 +56,19 @@ class TensorImageDataset(Dataset):
         return int(self.indices.shape[0])
 
     def __getitem__(self, i: int):
+        i = int(i) + (len(self) if i < 0 else 0)
         j = int(self.indices[i])
         x = self.images[j]
         if self.hflip and bool(_flip_mask(1)):
             x = x.flip(-1)
-        return x, int(self.labels[j])
+        return x, int(self.labels[j]), int(i)
 
     def __getitems__(self, idx: Sequence[int]):
         rows = self.indices[torch.as_tensor(idx, dtype=torch.int64)]
         x = self.images[rows]
         if self.hflip:  # torch.where: boolean-mask assignment is far slower on CPU
             x = torch.where(_flip_mask(len(idx)).view(-1, 1, 1, 1), x.flip(-1), x)
-        return list(zip(x.unbind(0), self.labels[rows].tolist()))
+        return list(zip(x.unbind(0), self.labels[rows].tolist(), (int(i) for i in idx)))
 
 
 def load_image(path: Path, mode: str, size: int | None, exact: bool) -> np.ndarray:
@@ -93,8 +101,9 @@ def load_image(path: Path, mode: str, size: int | None, exact: bool) -> np.ndarr
 class ImageFileDataset(Dataset):
     """Image files decoded lazily, converted to ``mode``, resized to ``size`` and reduced to ``n_bits``.
 
-    An unreadable file raises DataError naming it, unless ``skip_corrupt``: then a warning names it
-    and the next readable file in the split is served instead, so batches keep their size.
+    Item ``i`` is ``(image of paths[i], labels[i], i)``. An unreadable file raises DataError naming
+    it, unless ``skip_corrupt``: then a warning names it and the next readable file in the split is
+    served instead (still with index ``i``), so batches keep their size.
     """
 
     def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, n_bits: int, mode: str = "RGB",
@@ -120,6 +129,7 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i: int):
         n = len(self.paths)
+        i = int(i) + (n if i < 0 else 0)
         for k in range(n):
             j = (i + k) % n
             try:
@@ -135,5 +145,5 @@ class ImageFileDataset(Dataset):
                 continue
             if self.hflip and bool(_flip_mask(1)):
                 x = x.flip(-1)
-            return x, self.labels[j]
+            return x, self.labels[j], int(i)
         raise DataError(f"none of the {n} images of this split could be read (first: {self.paths[0]})")

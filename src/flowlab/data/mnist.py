@@ -64,6 +64,7 @@ class _IDXDataModule(FlowDataModule):
     native_image_size = 28
     num_classes = 10
     title = "MNIST"
+    form = "IDX files"
     torchvision_folder = "MNIST"  # torchvision's download puts the files in <root>/<this>/raw
     how_to_get = ""
 

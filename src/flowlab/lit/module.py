@@ -6,10 +6,12 @@ plain-dict config holding its ``_target_``. Every constructor argument of this m
 container, saved in the checkpoint, so ``FlowModule.from_checkpoint`` rebuilds the model from the
 checkpoint alone and the checkpoint loads with ``torch.load(weights_only=True)``.
 
-Dequantisation: batches hold integer images already reduced to ``n_bits``. Training adds fresh
+Batches are ``(x, y, index)`` (see :mod:`flowlab.data`): ``x`` integer images already reduced to
+``n_bits``, ``index`` each image's position in its split. Training uses ``x`` only and adds fresh
 uniform noise every step from a generator seeded by (seed, process rank, starting step), so DDP
 processes use different noise. Validation and test noise is a fixed function of (eval seed, image
-index, draw) — see :mod:`flowlab.lit.noise` — so their bits/dim does not depend on batching.
+index, draw) — see :mod:`flowlab.lit.noise` — and each (index, draw) counts once, so their bits/dim
+depends neither on batching nor on DDP's padded repeats; a batch without ``index`` is a ValueError.
 """
 
 from __future__ import annotations
@@ -245,13 +247,13 @@ class FlowModule(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch, batch_idx: int, metric: KeyedBitsPerDim, draws: range) -> None:
-        x = batch[0]
-        if len(batch) >= 3:
-            index = batch[2]
-        else:  # datasets that do not yield their index: position in the loader (batch-size dependent; the
-            # position in DistributedSampler's interleaved order under DDP, whose padding repeats then count)
-            pos = torch.arange(x.shape[0], device=x.device) + batch_idx * x.shape[0]
-            index = pos * int(self.trainer.world_size if self._trainer is not None else 1) + int(self.global_rank)
+        """Per-image bits/dim of a ``(x, y, index)`` batch into ``metric``, keyed by (index, draw)."""
+        if not isinstance(batch, (tuple, list)) or len(batch) < 3:
+            got = f"has {len(batch)} item(s)" if isinstance(batch, (tuple, list)) else f"is a {type(batch).__name__}"
+            raise ValueError(f"a validation/test batch must be (x, y, index), with index each image's position in its "
+                             f"split (it keys the evaluation noise and counts every image once, also under DDP), but "
+                             f"this one {got}: the dataset must yield (x, y, index), as flowlab.data's datasets do")
+        x, index = batch[0], torch.as_tensor(batch[2], device=batch[0].device)
         flow = self.eval_flow
         for draw in draws:
             key = index.to(torch.int64) * _MAX_DRAWS + int(draw)
