@@ -92,4 +92,6 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(model, ema, skipped, seed
             assert torch.equal(flow_a.bits_per_dim(xa), flow_b.bits_per_dim(restored.dequantize_eval(x, index)))
         restored.flow.train()
         restored.flow.log_prob(xa * 3 + 0.1)  # other statistics: an initialising ActNorm would move
-    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in b.items())
+    # (RealNVP's batch norms do move their running averages in training mode, as they should)
+    moving = ("running_mean", "running_var", "num_batches_tracked")
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in b.items() if not k.endswith(moving))

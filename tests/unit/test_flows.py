@@ -35,8 +35,8 @@ LAYERS = {
     "nxn_plain": lambda c: InvertibleNxNConv(c, kernel_size=5, lu=False),
     "reverse": lambda c: Reverse(c),
     "shuffle": lambda c: Shuffle(c),
-    "masked_causal": lambda c: MaskedConv(c, 3, causal=True),
-    "masked_anticausal": lambda c: MaskedConv(c, 5, causal=False),
+    "masked": lambda c: MaskedConv(c, 2),
+    "masked_flipped": lambda c: MaskedConv(c, 3, flipped=True),
     "emerging": lambda c: EmergingConv(c, 3),
     "affine": lambda c: AffineCoupling(c, 8),
     "additive": lambda c: AdditiveCoupling(c, 8),
@@ -234,10 +234,10 @@ def test_conv1x1_inverse_cache_follows_weight_changes():
 
 
 def test_emerging_inverse_is_a_wavefront_not_a_pixel_loop():
-    layer = MaskedConv(4, kernel_size=3, causal=True)
+    layer = MaskedConv(4, kernel_size=2)  # one of the two 2×2 quadrant convs of a 3×3 Emerging conv
     schedule = layer._schedule(16, 12, torch.device("cpu"))
-    assert len(schedule) == 2 * (16 - 1) + 12  # (r+1)(H-1) + W steps, not H·W
-    covered = torch.cat([plain for _, plain, _ in schedule])
+    assert len(schedule.steps) == 16 + 12 - 1  # one step per anti-diagonal, not H·W
+    covered = torch.cat([schedule.order[start:stop] for start, stop, _ in schedule.steps])
     assert torch.equal(covered.sort().values, torch.arange(16 * 12))
 
 
@@ -258,9 +258,9 @@ def test_realnvp_inverse_and_logdet(L):
     from flowlab.flows import RealNVP
 
     torch.manual_seed(0)
-    model = RealNVP(in_channels=2, image_size=8, K=2, L=L, hidden_channels=16).double()
+    model = RealNVP(in_channels=2, image_size=8, K=2, L=L, hidden_channels=16, num_blocks=2).double()
     x = torch.rand(4, 2, 8, 8, dtype=torch.float64) - 0.5
-    prepared(model, x)
+    prepared(model, x)  # one training-mode pass moves the batch norms' running averages; evaluation mode
     zs, logdet = model.encode(x)
     assert len(zs) == L and [tuple(z.shape[1:]) for z in zs] == model.latent_shapes
     assert (model.decode(zs) - x).abs().max() <= 1e-8
@@ -274,10 +274,11 @@ def test_realnvp_inverse_and_logdet(L):
 def test_realnvp_has_no_learned_channel_mixing():
     from flowlab.flows import RealNVP
 
-    model = RealNVP(1, 28, K=3, L=3, hidden_channels=8)
+    model = RealNVP(1, 28, K=3, L=3, hidden_channels=8, num_blocks=1)
     kinds = {type(m).__name__ for m in model.modules()}
-    assert {"CheckerboardCoupling", "ChannelCoupling"} <= kinds
-    assert not kinds & {"InvertibleConv1x1", "InvertibleNxNConv", "EmergingConv", "Shuffle", "Reverse"}
+    assert {"CheckerboardCoupling", "ChannelCoupling", "ResNet", "InvertibleBatchNorm", "Logit"} <= kinds
+    assert not kinds & {"InvertibleConv1x1", "InvertibleNxNConv", "EmergingConv", "Shuffle", "Reverse",
+                        "ActNorm", "CouplingNet", "SplitPrior"}
     with pytest.raises(ConfigError, match=r"model.L=4: image size 28 is not divisible by 2\^3 .*at most 3"):
         RealNVP(1, 28, K=3, L=4, hidden_channels=8)
 

@@ -7,11 +7,14 @@ from .actnorm import ActNorm
 from .conv1x1 import InvertibleConv1x1
 from .coupling import AdditiveCoupling, AffineCoupling, CouplingNet, ZeroConv2d
 from .emerging import EmergingConv, MaskedConv
-from .base import MultiScaleFlow, check_image_size
+from .base import MultiScaleFlow, StandardSplit, check_image_size
+from .batchnorm import InvertibleBatchNorm
 from .glow import COUPLINGS, PERMUTATIONS, FlowStep, Glow
 from .multiscale import SplitPrior, Squeeze, TopPrior, squeeze2d, unsqueeze2d
 from .nxn import InvertibleNxNConv
-from .realnvp import ChannelCoupling, CheckerboardCoupling, RealNVP
+from .logit import Logit
+from .realnvp import ChannelCoupling, CheckerboardCoupling, FactorOutOrder, RealNVP
+from .resnet import ResNet, WNConv2d
 from .permute import ChannelPermutation, Reverse, Shuffle
 from .shift import InvertibleShift
 
@@ -19,5 +22,6 @@ __all__ = [
     "ActNorm", "AdditiveCoupling", "AffineCoupling", "COUPLINGS", "ChannelPermutation", "CouplingNet",
     "EmergingConv", "FlowStep", "Glow", "InvertibleConv1x1", "InvertibleNxNConv", "InvertibleShift",
     "MaskedConv", "MultiScaleFlow", "PERMUTATIONS", "RealNVP", "ChannelCoupling", "CheckerboardCoupling", "Reverse", "Shuffle", "SplitPrior", "Squeeze", "TopPrior", "ZeroConv2d",
+    "FactorOutOrder", "InvertibleBatchNorm", "Logit", "ResNet", "StandardSplit", "WNConv2d",
     "check_image_size", "squeeze2d", "unsqueeze2d",
 ]

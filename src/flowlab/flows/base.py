@@ -1,5 +1,9 @@
 """The multi-scale flow skeleton shared by Glow and RealNVP: levels of flow layers, each but the
-last followed by a split with a learned conditional prior, and a prior on the top latent.
+last followed by a split that factors out half the channels, and a prior on the top latent.
+
+The factored-out halves are scored under Glow's learned conditional prior (``split_prior="learned"``,
+N(mean, exp(logs)²) predicted from the kept half) or under N(0, I) (``"standard"``, RealNVP's: no
+parameters); sampling draws them from the same prior.
 
 Data convention (written down once, here). An image with integer values ``v ∈ {0, …, 2^n_bits − 1}``
 is preprocessed to ``x = v / 2^n_bits − 0.5 + u``, ``u ~ U[0, 1/2^n_bits)``: a continuous point in
@@ -19,6 +23,8 @@ from torch import nn
 from ..errors import ConfigError
 from .multiscale import SplitPrior, TopPrior, gaussian_log_prob, gaussian_sample
 from .utils import exact
+
+SPLIT_PRIORS = ("learned", "standard")
 
 
 def check_int(name: str, value, minimum: int) -> int:
@@ -55,16 +61,41 @@ def check_image_size(image_size, L: int, squeezes: int | None = None) -> tuple[i
     return hw  # type: ignore[return-value]
 
 
+class StandardSplit(nn.Module):
+    """A split whose factored-out half is scored under N(0, I): :class:`SplitPrior`'s interface, no parameters.
+
+    ``forward`` returns mean 0 and log-std 0 for the factored-out half, so
+    ``gaussian_log_prob(z, *split(kept)) = Σ log N(z; 0, 1)`` and ``gaussian_sample`` draws
+    ``temperature · ε``.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.keep = channels // 2
+        self.out_channels = channels - self.keep
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:, : self.keep], x[:, self.keep :]
+
+    def forward(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zeros = kept.new_zeros(kept.shape[0], self.out_channels, *kept.shape[2:])
+        return zeros, zeros
+
+
 class MultiScaleFlow(nn.Module):
-    """x → z through ``levels``; after level l < L−1 a :class:`SplitPrior` factors out half the channels.
+    """x → z through ``levels``; after level l < L−1 a split factors out half the channels.
 
     The constructor checks the arguments every such model shares (ConfigError naming the key);
     subclasses then fill ``self.levels`` (one ``nn.ModuleList`` of flow layers per level) by calling
-    :meth:`add_level` and finish with :meth:`finish`.
+    :meth:`add_level` and finish with :meth:`finish`. ``split_prior``: ``"learned"`` (a
+    :class:`SplitPrior` per split, Glow) or ``"standard"`` (a parameter-free :class:`StandardSplit`,
+    N(0, I), RealNVP).
     """
 
     def __init__(self, in_channels: int, image_size, K: int, L: int, hidden_channels: int, n_bits: int,
-                 squeezes: int | None = None):
+                 squeezes: int | None = None, split_prior: str = "learned"):
+        if split_prior not in SPLIT_PRIORS:
+            raise ConfigError(f"model.split_prior={split_prior!r} is unknown; allowed: {', '.join(SPLIT_PRIORS)}")
         check_int("in_channels", in_channels, 1)
         check_int("model.K", K, 1)
         check_int("model.L", L, 1)
@@ -73,6 +104,7 @@ class MultiScaleFlow(nn.Module):
         height, width = check_image_size(image_size, L, squeezes)
         super().__init__()
         self.in_channels, self.image_size, self.K, self.L, self.n_bits = in_channels, (height, width), K, L, n_bits
+        self.split_prior = split_prior
         self.levels = nn.ModuleList()
         self.splits = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
@@ -82,7 +114,8 @@ class MultiScaleFlow(nn.Module):
         self.levels.append(nn.ModuleList(layers))
         channels, height, width = shape
         if len(self.levels) < self.L:
-            split = SplitPrior(channels)
+            split = (SplitPrior(channels, edge_bias=getattr(self, "edge_bias", False))
+                     if self.split_prior == "learned" else StandardSplit(channels))
             self.splits.append(split)
             self.latent_shapes.append((channels - split.keep, height, width))
             return split.keep, height, width
@@ -98,7 +131,8 @@ class MultiScaleFlow(nn.Module):
 
         The mixed-precision fast path: the coupling networks hold nearly all FLOPs; the flow's
         stream, log-dets, priors and weight algebra stay in float32/float64. See
-        :class:`flowlab.flows.coupling.CouplingNet`.
+        :class:`flowlab.flows.coupling.CouplingNet`. A model without CouplingNets (RealNVP, whose s/t
+        networks are :class:`flowlab.flows.resnet.ResNet`) is left as it is: it runs in its own dtype.
         """
         from .coupling import CouplingNet
 
@@ -167,7 +201,8 @@ class MultiScaleFlow(nn.Module):
         return (-self.log_prob(x) / self.dims + self.n_bits * math.log(2)) / math.log(2)
 
     def initialize(self, x: torch.Tensor) -> None:
-        """Run the data-dependent ActNorm initialisation on ``x`` (a no-op once initialised)."""
+        """One training-mode forward pass on ``x`` without gradients: the data-dependent ActNorm
+        initialisation (a no-op once initialised); batch norms update their running averages once."""
         was_training = self.training
         self.train()
         with torch.no_grad():
