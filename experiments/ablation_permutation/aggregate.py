@@ -11,8 +11,9 @@ job directory (``--source wandb``), or from W&B's servers (``--wandb-api``) — 
 ``--out`` (default: ``results/`` beside this script):
 
   runs.csv         one row per run: model, seed, test bits/dim, parameters, images/s, steps, source
-  table.md         per model: test bits/dim mean ± std over seeds, number of seeds, parameters,
-                   sampling and training images/s (medians over seeds)
+  table.md         per model: test bits/dim mean ± std over seeds, number of seeds, the difference
+                   from the reference row (Glow, plain 1×1 conv) and Welch's t-test p-value of it,
+                   parameters, sampling and training images/s (medians over seeds)
   bpd_curves.png   validation (solid) and training (faint) bits/dim against steps, one colour per
                    model, mean over seeds
   final_bpd.png    bar chart of the test bits/dim, mean with ± one standard deviation over seeds
@@ -34,16 +35,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# Rows in the order of the paper's Table 2, then the fixed permutations.
+# Rows in the order of the paper's Table 2 (its pair, then the fair LU pair), then the fixed permutations.
 MODELS = {
-    "realnvp": "RealNVP (own architecture)",
+    "realnvp": "RealNVP",
+    "conv1x1": "Glow, 1×1 conv",
+    "nxn": "n×n conv, plain 1×1 inside (paper)",
+    "conv1x1_lu": "Glow, 1×1 conv (LU)",
+    "nxn_lu": "n×n conv, LU 1×1 inside",
+    "emerging": "Emerging conv",
     "reverse": "Glow, reverse",
     "shuffle": "Glow, shuffle",
-    "conv1x1": "Glow, 1×1 conv",
-    "conv1x1_lu": "Glow, 1×1 conv (LU)",
-    "emerging": "Emerging conv",
-    "nxn": "n×n conv (paper)",
 }
+#: the row every other is tested against
+REFERENCE = "conv1x1"
 
 
 class AggregateError(Exception):
@@ -57,7 +61,10 @@ def model_key(config: dict) -> str:
     target = str(model.get("_target_", ""))
     if target.endswith("RealNVP"):
         return "realnvp"
-    return str(model.get("permutation", "?"))
+    permutation = str(model.get("permutation", "?"))
+    if permutation == "nxn" and model.get("nxn_conv1x1") == "lu":
+        return "nxn_lu"
+    return permutation
 
 
 def _num(v):
@@ -186,8 +193,27 @@ def summarise(runs: list[dict]) -> list[dict]:
         rows.append({"model": m, "label": MODELS.get(m, m), "mean": statistics.fmean(bpd),
                      "std": statistics.stdev(bpd) if len(bpd) > 1 else None, "n": len(bpd),
                      "seeds": [r["seed"] for r in rs], "params": med("params"),
-                     "sample_images_per_s": med("sample_images_per_s"), "train_images_per_s": med("train_images_per_s")})
+                     "sample_images_per_s": med("sample_images_per_s"), "train_images_per_s": med("train_images_per_s"),
+                     "bpd": bpd})
+    reference = next((r for r in rows if r["model"] == REFERENCE), None)
+    for r in rows:
+        r["delta"], r["p_value"] = compare(r["bpd"], reference["bpd"]) if reference and r is not reference else (None, None)
     return rows
+
+
+def compare(values: list[float], reference: list[float]) -> tuple[float, float | None]:
+    """(mean difference, two-sided p-value of Welch's t-test) of a row against the reference row.
+
+    Welch's test does not assume equal variances; with 3 seeds a row it detects only differences
+    several standard deviations wide, and p-values of 8 rows are not corrected for multiple tests.
+    """
+    from scipy import stats
+
+    delta = statistics.fmean(values) - statistics.fmean(reference)
+    if len(values) < 2 or len(reference) < 2:
+        return delta, None
+    p = float(stats.ttest_ind(values, reference, equal_var=False).pvalue)
+    return delta, (p if math.isfinite(p) else None)
 
 
 def _fmt(v, spec):
@@ -200,12 +226,15 @@ def table_markdown(rows: list[dict], runs: list[dict]) -> str:
     lines = []
     for dataset, steps, batch in budget:
         lines.append(f"Dataset {dataset or '?'}, {steps} steps at batch {batch} for every run.")
-    lines += ["", "| model | test bits/dim (mean ± std) | seeds | parameters | sampling images/s | training images/s |",
-              "|---|---|---|---|---|---|"]
+    ref = MODELS.get(REFERENCE, REFERENCE)
+    lines += ["", f"| model | test bits/dim (mean ± std) | seeds | Δ vs {ref} | p (Welch) | parameters | "
+              "sampling images/s | training images/s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        bpd = f"{r['mean']:.3f} ± {r['std']:.3f}" if r["std"] is not None else f"{r['mean']:.3f}"
-        lines.append(f"| {r['label']} | {bpd} | {r['n']} | {_fmt(r['params'], ',.0f')} | "
-                     f"{_fmt(r['sample_images_per_s'], ',.0f')} | {_fmt(r['train_images_per_s'], ',.0f')} |")
+        bpd = f"{r['mean']:.4f} ± {r['std']:.4f}" if r["std"] is not None else f"{r['mean']:.4f}"
+        delta = "(reference)" if r["model"] == REFERENCE else _fmt(r["delta"], "+.4f")
+        lines.append(f"| {r['label']} | {bpd} | {r['n']} | {delta} | {_fmt(r['p_value'], '.3g')} | "
+                     f"{_fmt(r['params'], ',.0f')} | {_fmt(r['sample_images_per_s'], ',.0f')} | "
+                     f"{_fmt(r['train_images_per_s'], ',.0f')} |")
     missing = [r for r in runs if r["test_bpd"] is None]
     if missing:
         lines += ["", f"Left out (no test bits/dim, unfinished or failed): {', '.join(r['name'] for r in missing)}."]

@@ -108,10 +108,14 @@ def test_aggregation_turns_the_runs_into_the_table(sweep, source, tmp_path):
     assert agg.main([str(sweep["dir"]), "--source", source, "--out", str(tmp_path)]) == 0
     table = (tmp_path / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split(" | ")[0] for r in rows] == ["| Glow, 1×1 conv", "| n×n conv (paper)"]
+    assert [r.split(" | ")[0] for r in rows] == ["| Glow, 1×1 conv", "| n×n conv, plain 1×1 inside (paper)"]
+    bpds = {}
     for job in _jobs(sweep["dir"]):
         bpd = json.loads((job / "results.json").read_text())["test/bpd"]
-        assert f"{bpd:.3f}" in table
+        assert f"{bpd:.4f}" in table
+        bpds["nxn" if "nxn" in job.name else "conv1x1"] = bpd
+    # the n×n row's difference from the reference row (one seed each: no p-value)
+    assert f"{bpds['nxn'] - bpds['conv1x1']:+.4f}" in rows[1] and "(reference)" in rows[0]
     assert (tmp_path / "bpd_curves.png").stat().st_size > 1000
     assert (tmp_path / "final_bpd.png").stat().st_size > 1000
     lines = (tmp_path / "runs.csv").read_text().splitlines()
