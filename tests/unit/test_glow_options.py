@@ -91,3 +91,17 @@ def test_bad_options_name_the_key(bad):
     key = next(iter(bad))
     with pytest.raises(ConfigError, match=f"model.{key}"):
         Glow(2, 8, K=1, L=1, hidden_channels=8, **bad)
+
+
+def test_an_nxn_checkpoint_from_before_the_switch_loads_with_its_lu_conv():
+    """Checkpoints written before nxn_conv1x1 existed hold an LU 1×1 conv inside the n×n conv."""
+    from flowlab.lit.module import FlowModule
+
+    model = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 1,
+             "hidden_channels": 4, "permutation": "nxn", "nxn_conv1x1": "lu"}
+    old = FlowModule(model, {"lr": 1e-3})
+    old_model = {k: v for k, v in model.items() if k != "nxn_conv1x1"}
+    checkpoint = {"hyper_parameters": {**old.hparams, "model": old_model}, "state_dict": old.state_dict()}
+    restored = FlowModule.from_checkpoint(checkpoint)
+    assert restored.hparams.model["nxn_conv1x1"] == "lu"
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in old.state_dict().items())

@@ -342,6 +342,11 @@ class FlowModule(pl.LightningModule):
     def from_checkpoint(cls, checkpoint: Mapping, strict: bool = True) -> "FlowModule":
         """A module rebuilt from a loaded checkpoint dict (see :func:`flowlab.lit.checkpoint.load_checkpoint`)."""
         hp = dict(checkpoint["hyper_parameters"])
+        model = hp.get("model")
+        if (isinstance(model, Mapping) and str(model.get("_target_", "")).endswith(".Glow")
+                and model.get("permutation") == "nxn" and "nxn_conv1x1" not in model):
+            # written before the n×n conv's inner 1×1 became a switch: it was always the LU form
+            hp["model"] = {**model, "nxn_conv1x1": "lu"}
         module = cls(**{k: hp[k] for k in ("model", "optim", "eval_seed", "seed", "use_ema", "data") if k in hp})
         try:
             module.load_state_dict(checkpoint["state_dict"], strict=strict)
