@@ -48,6 +48,9 @@ MODELS = {
 }
 #: the row every other is tested against
 REFERENCE = "conv1x1"
+#: training images/s, by the first of these a run logged: Lightning's ThroughputMonitor over all processes (DDP),
+#: per process (one process: the same), and the name runs logged before flowlab used ThroughputMonitor
+TRAIN_SPEED_KEYS = ("train/samples_per_sec", "train/device/samples_per_sec", "train/images_per_s")
 
 
 class AggregateError(Exception):
@@ -87,8 +90,9 @@ def _record(config: dict, rows: list[dict], scalars: dict, source: str, name: st
             v = _num(r.get(f"{split}/bpd"))
             if v is not None:
                 curves[split].append((int(step), v))
-        if _num(r.get("train/images_per_s")) is not None:
-            train_ips.append(_num(r["train/images_per_s"]))
+        speed = next((_num(r.get(k)) for k in TRAIN_SPEED_KEYS if _num(r.get(k)) is not None), None)
+        if speed is not None:
+            train_ips.append(speed)
         if _num(r.get("sample/images_per_s")) is not None:
             sample_ips.append(_num(r["sample/images_per_s"]))
         if scalars.get("test/bpd") is None and _num(r.get("test/bpd")) is not None:
