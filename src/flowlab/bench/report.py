@@ -1,184 +1,133 @@
-"""The benchmark's outputs: a markdown table for people and a JSON file for scripts.
-
-Files are written under a new, timestamped name (never over an earlier result), via a temporary
-file and an atomic rename.
-"""
+"""A run's record: the environment it ran in, markdown for people, JSON for scripts. Files get new,
+timestamped names (never over an earlier result) and are replaced atomically as the run progresses."""
 
 from __future__ import annotations
 
+import datetime as dt
+import itertools
 import json
 import math
 import os
+import platform
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
+
+import torch
 
 from flowlab.errors import UserError
 
-from .env import hardware_line
+
+def environment(device: torch.device, argv: list[str]) -> dict:
+    git = ["git", "-C", str(Path(__file__).resolve().parents[3]), "describe", "--always", "--dirty", "--abbrev=12"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() if shutil.which("git") else ""
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.machine())
+    return {"time_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"), "command": shlex.join(argv),
+            "flowlab_commit": os.environ.get("FLOWLAB_COMMIT") or commit or None, "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cpu": cpu, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
-def _num(v, digits: int = 1) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a" if v is None else str(v)
-    if abs(v) >= 100:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}f}"
-
-
-def _rate(stats: dict | None) -> tuple[str, str]:
-    if not stats:
-        return "n/a", ""
-    return _num(stats["median"]), f"{_num(stats['q1'])}–{_num(stats['q3'])}"
-
-
-def _ms(stats: dict | None) -> str:
-    if not stats:
+def _n(v, digits: int = 1) -> str:
+    if v is None or not math.isfinite(v):
         return "n/a"
-    return f"{stats['median']:.3f} [{stats['q1']:.3f}–{stats['q3']:.3f}]"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{digits}f}"
 
 
-def _sci(v) -> str:
-    return "n/a" if v is None else f"{v:.1e}"
+def _q(q: dict, unit: str = "") -> str:  # median [interquartile range]
+    d = 3 if unit else 1
+    return f"{_n(q['median'], d)}{unit} [{_n(q['q1'], d)}–{_n(q['q3'], d)}]"
 
 
-def markdown(result: dict) -> str:
-    env, p = result["env"], result["preset"]
-    lines = [
-        f"## flowlab bench: preset `{p['name']}` on {env['device']}",
-        "",
-        f"- hardware: {hardware_line(env)}",
-        f"- command: `{env['command']}`  ({env['timestamp_utc']}, flowlab {env.get('flowlab_commit') or 'unknown commit'})",
-        f"- model: {p['image_size']}×{p['image_size']}×{p['in_channels']}, K={p['K']}, L={p['L']}, "
-        f"width {p['hidden_channels']}, affine coupling, batch {p['batch']}, Adam lr {result['lr']:g} "
-        f"(linear warm-up over {result.get('lr_warmup', 0)} steps), image-like synthetic batches",
-        f"- timing: training {p['warmup']} warm-up steps then {p['repeats']} × {p['steps']} steps; "
-        f"evaluation/sampling {p['eval_repeats']} calls; median and interquartile range over repetitions",
-        f"- switches: flowlab {result['switches']['flowlab']}; reference {result['switches']['reference']}",
-    ]
-    applied = sorted({m.get("amp_applied", "off") for m in result["models"]} - {"off"})
-    if applied:
-        lines.append(f"- reduced precision applied: {'; '.join(applied)}")
-    if not result.get("complete", True):
-        lines.append("- **incomplete: the run was cut short; the models below finished**")
-    load = env.get("load_average_1m")
-    if load is not None:
-        line = f"- machine load (1-minute average) at start: {load:.2f} on {env['cpu_count']} CPUs"
-        if load > 0.5 * (env["cpu_count"] or 1):
-            line += " — **busy machine: these timings are not comparable with a quiet run**"
-        lines.append(line)
-    lines.append("")
-    models = result["models"]
-    if models:
-        show_mfu = any("mfu" in m for m in models)
-        head = ["model", "params", "train img/s", "(IQR)", "eval img/s", "sample img/s", "peak mem MiB",
-                "max recon err (init / trained)", "GFLOP/img/step"] + (["MFU"] if show_mfu else [])
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for m in models:
-            train, iqr = _rate(m.get("train_images_per_s"))
-            name = m["model"] if "variant" not in m else f"{m['model']} ({m['switches']})"
-            row = [name, f"{m['params'] / 1e6:.2f} M", train, iqr, _rate(m.get("eval_images_per_s"))[0],
-                   _rate(m.get("sample_images_per_s"))[0], _num(m["peak_memory"]["peak_mib"], 0),
-                   f"{_sci(m.get('max_reconstruction_error_init'))} / {_sci(m.get('max_reconstruction_error'))}",
-                   f"{m['flops_per_image'] / 1e9:.3g}" if "flops_per_image" in m else "n/a"]
-            if show_mfu:
-                row.append(f"{100 * m['mfu']:.2f}%" if "mfu" in m else "n/a")
-            lines.append("| " + " | ".join(row) + " |")
-        kind = models[0]["peak_memory"]["kind"]
-        lines += ["", f"Peak memory: {kind} during training"
-                  + (" (whole-process RSS, including ~{:.0f} MiB before the model was built)".format(
-                      models[0]["peak_memory"]["baseline_mib"]) if kind.startswith("r") else "") + "."]
-    ratio = result.get("ratio")
-    if ratio and ratio.get("value") is not None:
-        switches = f", {ratio['numerator_switches']}" if ratio.get("numerator_switches") else ""
-        paired = ratio.get("paired")
-        how = (f"median of {paired['rounds']} alternating rounds of {paired['steps_per_round']} steps, IQR "
-               f"{paired['ratio']['q1']:.2f}–{paired['ratio']['q3']:.2f}; the rows above, timed one after the "
-               f"other, give {ratio['sequential_value']:.2f}×" if paired else "the rows above, timed one after the other")
-        lines += ["", f"**Training speed, flowlab `{ratio['numerator']}`{switches} / reference: {ratio['value']:.2f}×** "
-                      f"({_num(ratio['numerator_images_per_s'])} vs {_num(ratio['reference_images_per_s'])} images/s; "
-                      f"{how})"]
-        if ratio.get("plain_value") is not None:
-            lines.append(f"(flowlab `{ratio['numerator']}` in plain float32 eager / reference: {ratio['plain_value']:.2f}×, "
-                         f"{_num(ratio['plain_images_per_s'])} images/s, sequential: what the model's own restructuring "
-                         f"gives without reduced precision or layout changes)")
-    sampling = result.get("sampling_ratio")
-    if sampling:
-        lines += ["", f"Sampling speed, `{sampling['numerator']}` / `{sampling['denominator']}`: "
-                      f"{sampling['ratio']['median']:.2f}× (median of {sampling['rounds']} alternating rounds, IQR "
-                      f"{sampling['ratio']['q1']:.2f}–{sampling['ratio']['q3']:.2f}; "
-                      f"{_num(sampling['numerator_images_per_s']['median'])} vs "
-                      f"{_num(sampling['denominator_images_per_s']['median'])} images/s)."]
-    if result.get("goals"):
-        lines += ["", "### Goals (issue 6)", "", "| goal | measured | target | met |", "|---|---|---|---|"]
-        for g in result["goals"]:
-            lines.append(f"| {g['goal']} | {_num(g['value'], 2)} | {g['target']} | {'yes' if g['met'] else 'NO'} |")
-    if result.get("layers"):
-        lines += ["", "### Layers (float32, eager, eval, no grad; ms per call, median [IQR])", "",
-                  "| shape | layer | params | forward | inverse | log-det | max inverse error |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in result["layers"]:
-            lines.append(f"| {'×'.join(map(str, r['shape']))} | {r['layer']} | {r['params']:,} | {_ms(r['forward_ms'])} "
-                         f"| {_ms(r.get('inverse_ms'))} | {_ms(r.get('logdet_ms'))} | {_sci(r.get('inverse_error'))} |")
-    if result.get("claims"):
-        lines += ["", "### The paper's layer claims, measured", "", "| shape | claim | n×n | other | holds |",
-                  "|---|---|---|---|---|"]
-        for c in result["claims"]:
-            fmt = (lambda v: f"{v:,}") if isinstance(c["nxn"], int) else (lambda v: f"{v:.3f} ms")
-            lines.append(f"| {'×'.join(map(str, c['shape']))} | {c['claim']} | {fmt(c['nxn'])} | {fmt(c['other'])} "
-                         f"| {'yes' if c['holds'] else 'no'} |")
-    return "\n".join(lines) + "\n"
+def _cfg(v) -> str:  # {"_target_": "torch.optim.Adam", "lr": 0.001} -> Adam(lr=0.001)
+    if isinstance(v, dict):
+        args = ", ".join(f"{k}={_cfg(x)}" for k, x in v.items() if not k.startswith("_"))
+        return f"{v['_target_'].rsplit('.', 1)[-1]}({args})" if "_target_" in v else "{" + args + "}"
+    return str(v)
 
 
-def markdown_check(result: dict) -> str:
-    env = result["env"]
-    lines = [f"## flowlab bench: bits/dim check, preset `{result['preset']['name']}` on {env['device']}", "",
-             f"- hardware: {hardware_line(env)}", f"- command: `{env['command']}`",
-             f"- model {result['model']}, batch {result['batch']}, Adam lr {result['lr']:g} "
-             f"(linear warm-up {result['warmup_steps']} steps), data {result['data']['kind']} "
-             f"({result['data']['train_images']} train / {result['data']['eval_images']} held-out images)",
-             f"- fast: {result['fast']['switches']} ({result['fast'].get('amp_applied', 'off')}); reference: {result['reference']['switches']} (TF32 off)",
-             "", "| step | fast bits/dim | reference bits/dim | difference |", "|---|---|---|---|"]
-    for pt in result["points"]:
-        lines.append(f"| {pt['step']} | {pt['fast']:.4f} | {pt['reference']:.4f} | {pt['difference']:+.4f} |")
-    speed = result.get("speedup_fast_over_reference")
-    lines += ["", f"Steps done: {result['steps_done']} of {result['steps_requested']}"
-              + ("" if result["complete"] else " (stopped early: time budget)")
-              + (f"; training speed of the fast run: {speed:.2f}× the float32 run's" if speed else "") + ".",
-              f"**Check {'PASSED' if result['passed'] else 'FAILED'}**: |difference| "
-              f"{'≤' if result['passed'] else 'vs'} tolerance {result['tolerance']:g} bits/dim."]
-    return "\n".join(lines) + "\n"
+def _table(head: list[str], rows: list[list]) -> list[str]:
+    return ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(map(str, r)) + " |"
+                                                                           for r in rows), ""]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def markdown(r: dict) -> str:
+    env, p, out = r["env"], r["preset"], []
+    hw = env["gpu"] or f"{env['cpu']} ({env['threads']} threads)"
+    out += [f"## flowlab bench: preset `{p['name']}` on {env['device']}", "",
+            f"- {hw}; torch {env['torch']}; python {env['python']}; flowlab {env['flowlab_commit']}; "
+            f"{env['time_utc']} UTC",
+            f"- command: `{env['command']}`",
+            f"- Glow {p['image_size']}×{p['image_size']}×3, K={p['K']}, L={p['L']}, width {p['hidden_channels']}, "
+            f"batch {p['batch']}, image-like synthetic batches; flowlab trains through FlowModule with "
+            f"conf/train.yaml's optim{' and --plain' if r['plain'] else ''}: {_cfg(r['optim'])[1:-1]}",
+            f"- timing: torch.utils.benchmark's Timer.timeit, {p['repeats']} blocks of {p['calls']} calls "
+            f"({p['layer_calls']} for layers) after 2 untimed ones; median [IQR] over blocks"]
+    if env["load_1m"] and env["load_1m"] > 0.5 * (env["cpu_count"] or 1):
+        out.append(f"- **busy machine (load {env['load_1m']:.2f} on {env['cpu_count']} CPUs): "
+                   "not comparable with a quiet run**")
+    if not r["complete"]:
+        out.append("- **incomplete: the run was cut short; what finished is below**")
+    if r["models"]:
+        out += _table(["model", "params", "coupling dtype", "train img/s", "eval img/s", "sample img/s", "peak MiB",
+                       "max recon err", "GFLOP/img/step", "TFLOP/s", "MFU"], [
+            [m["model"] + " (plain)" * m["plain"], f"{m['params'] / 1e6:.2f} M", m["dtype"],
+             _q(m["train_images_per_s"]), _n(m["eval_images_per_s"]["median"]),
+             _n(m["sample_images_per_s"]["median"]), _n(m["peak_mib"], 0),
+             f"{m['max_reconstruction_error']:.1e}", f"{m['flops_per_image'] / 1e9:.3g}", f"{m['achieved_tflops']:.3g}",
+             "n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%"] for m in r["models"]])
+        out.append(f"Peak memory: {r['models'][0]['memory_kind']} while training. MFU: over the peak that Lightning's "
+                   "get_available_flops gives for the device and dtype (n/a where it has none).")
+    for key, what in (("ratio", "Training"), ("sampling", "Sampling")):
+        if x := r.get(key):
+            out += ["", f"**{what} speed, `{x['a']}` / `{x['b']}`: {x['ratio']['median']:.2f}×** (median of "
+                    f"{x['rounds']} alternating rounds, IQR {x['ratio']['q1']:.2f}–{x['ratio']['q3']:.2f}; "
+                    f"{_n(x['a_images_per_s']['median'])} vs {_n(x['b_images_per_s']['median'])} images/s)"]
+    if r.get("goals"):
+        out += ["", "### Goals", *_table(["goal", "measured", "target", "met"], [
+            [g["goal"], _n(g["value"], 2 if abs(g["value"]) >= 0.1 else 4), g["target"], "yes" if g["met"] else "NO"]
+            for g in r["goals"]])]
+    if r.get("layers"):
+        out += ["### Layers (float32, eval, no grad; ms per call, median [IQR])", *_table(
+            ["shape", "layer", "params", "forward", "inverse", "max inverse error"],
+            [["×".join(map(str, x["shape"])), x["layer"], f"{x['params']:,}", _q(x["forward_ms"], " ms"),
+              *((_q(x["inverse_ms"], " ms"), f"{x['inverse_error']:.1e}") if "inverse_ms" in x else ("n/a", "n/a"))]
+             for x in r["layers"]["rows"]]),
+            "### The paper's layer claims, measured", *_table(["shape", "claim", "n×n", "other", "holds"], [
+                ["×".join(map(str, c["shape"])), c["claim"],
+                 *(f"{v:,}" if isinstance(v, int) else f"{v:.3f} ms" for v in (c["nxn"], c["other"])),
+                 "yes" if c["holds"] else "no"]
+                for c in r["layers"]["claims"]])]
+    if c := r.get("check"):
+        out += [f"### bits/dim: training defaults vs strict float32 ({c['model']}, batch {c['batch']}, {c['images']} "
+                "synthetic images; same initial weights and batches)", *_table(
+                    ["step", "defaults", "float32", "difference"],
+                    [[x["step"], f"{x['defaults']:.4f}", f"{x['float32']:.4f}", f"{x['difference']:+.4f}"]
+                     for x in c["points"]]),
+                f"Training time: defaults {c['seconds']['defaults']:.1f} s, float32 {c['seconds']['float32']:.1f} s. "
+                f"**Check {'PASSED' if c['passed'] else 'FAILED'}** (|difference| ≤ {c['tolerance']:g} after all "
+                f"{c['steps']} steps)."]
+    return "\n".join(out).rstrip() + "\n"
 
 
-def output_paths(out_dir: str | Path, stem: str) -> tuple[Path, Path]:
-    """``(json, md)`` paths in ``out_dir`` for ``stem`` that do not exist yet."""
-    out = Path(out_dir)
+def output_paths(out_dir: str, stem: str) -> tuple[Path, Path]:
+    """``(json, md)`` in ``out_dir`` named ``stem``, or ``stem-2``, ... if taken."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--out {out}: cannot create the folder ({e}); pick a writable folder") from None
-    n, candidate = 1, stem
-    while (out / f"{candidate}.json").exists() or (out / f"{candidate}.md").exists():
-        n += 1
-        candidate = f"{stem}-{n}"
-    return out / f"{candidate}.json", out / f"{candidate}.md"
+        raise UserError(f"--out {out_dir}: cannot create the folder ({e}); pick a writable folder") from None
+    names = (stem if n == 1 else f"{stem}-{n}" for n in itertools.count(1))
+    name = next(x for x in names if not any((Path(out_dir) / f"{x}{ext}").exists() for ext in (".json", ".md")))
+    return Path(out_dir) / f"{name}.json", Path(out_dir) / f"{name}.md"
 
 
-def strict_json(obj):
-    """``obj`` with non-finite floats replaced by ``None`` (strict JSON has no NaN or Infinity)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
-def write(result: dict, json_path: Path, md_path: Path, md_text: str) -> None:
-    _atomic_write(json_path, json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
-    _atomic_write(md_path, md_text)
+def write(result: dict, paths: tuple[Path, Path]) -> None:
+    strict = json.loads(json.dumps(result), parse_constant=lambda _: None)  # strict JSON: NaN, Infinity -> null
+    for path, text in zip(paths, (json.dumps(strict, indent=1, allow_nan=False) + "\n", markdown(result))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)

@@ -1,8 +1,8 @@
 """A plain, eager, float32 Glow written the way the public PyTorch implementations write it.
 
-This is the benchmark's *reference path*: the yardstick that flowlab's Glow is timed against,
-side by side, in one run (issue 6: "at least 2x the training images/s of a plain eager float32
-Glow of the same architecture written the way the public implementations write it").
+The yardstick of ``flowlab-bench``: flowlab's Glow (``permutation=conv1x1_lu``, affine coupling) is
+timed against it, side by side, in alternating rounds. It is not part of flowlab: it imports torch
+only (never ``flowlab``), and the benchmark loads it by path.
 
 It follows the structure of rosinality/glow-pytorch (ActNorm, InvConv2dLU, AffineCoupling with a
 ``sigmoid(h + 2)`` scale, ZeroConv2d, Flow, Block with squeeze / split / learned prior), in our
@@ -19,10 +19,10 @@ Written honestly, with the idioms of those implementations and nothing slowed do
   ``if`` on every call, which on a GPU is a host synchronisation, as in those implementations;
 * element-wise work is left unfused, in float32, eager.
 
-It exposes the same interface as the flowlab contract, so the harness drives both models with the
-same code: ``encode(x) -> (zs, logdet[B])`` with ``logdet = log|det dz/dx|`` (no prior term),
-``decode(zs) -> x``, ``sample(n, temperature)``, ``log_prob(x)`` in nats and ``bits_per_dim(x)``
-including the discretisation term ``D n_bits ln 2``.
+Interface (flowlab's contract, so the benchmark drives both models alike): ``encode(x) -> (zs,
+logdet[B])`` with ``logdet = log|det dz/dx|`` (no prior term), ``decode(zs) -> x``,
+``sample(n, temperature)``, ``log_prob(x)`` in nats and ``bits_per_dim(x)`` including the
+discretisation term ``D n_bits ln 2``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from flowlab.errors import ConfigError
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -234,9 +232,9 @@ class ReferenceGlow(nn.Module):
         for key, value in (("in_channels", in_channels), ("image_size", image_size), ("K", K), ("L", L),
                            ("hidden_channels", hidden_channels), ("n_bits", n_bits)):
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"ReferenceGlow: {key}={value!r} must be a positive integer")
+                raise ValueError(f"ReferenceGlow: {key}={value!r} must be a positive integer")
         if image_size % (2 ** L):
-            raise ConfigError(f"ReferenceGlow: image_size={image_size} must be divisible by 2**L={2 ** L}")
+            raise ValueError(f"ReferenceGlow: image_size={image_size} must be divisible by 2**L={2 ** L}")
         self.in_channels, self.image_size, self.n_bits = in_channels, image_size, n_bits
         self.blocks = nn.ModuleList()
         c = in_channels
