@@ -54,14 +54,14 @@ def _reference_square_ar_mask(k: int, channels: int) -> torch.Tensor:
     """``get_conv_square_ar_mask(k, k, C, C)`` of ehoogeboom/emerging (conv2d/conv2d.py), transcribed:
     layout [h, w, in, out]; rows above and columns left of the centre zeroed; at the centre the
     linear autoregressive mask (``mask[i + 1:, i] = 0``, i.e. in <= out)."""
-    l = m = (k - 1) // 2
+    left = m = (k - 1) // 2
     mask = torch.ones(k, k, channels, channels)
-    mask[:l] = 0
+    mask[:left] = 0
     mask[:, :m] = 0
     linear = torch.ones(channels, channels)
     for i in range(channels):
         linear[i + 1 :, i] = 0
-    mask[l, m] = linear
+    mask[left, m] = linear
     return mask
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flowlab import flows
 from flowlab.errors import ConfigError
 from flowlab.flows import (
     ActNorm,
@@ -13,6 +14,7 @@ from flowlab.flows import (
     AffineCoupling,
     CouplingNet,
     EmergingConv,
+    FlowStep,
     Glow,
     InvertibleConv1x1,
     InvertibleNxNConv,
@@ -23,7 +25,7 @@ from flowlab.flows import (
     Squeeze,
 )
 
-PERMUTATIONS = ["nxn", "conv1x1", "conv1x1_lu", "reverse", "shuffle", "emerging"]
+PERMUTATIONS = list(flows.PERMUTATIONS)
 COUPLINGS = ["affine", "additive"]
 
 LAYERS = {
@@ -303,32 +305,32 @@ def test_bf16_coupling_networks_keep_the_flow_exact():
 
 @pytest.mark.parametrize("permutation", PERMUTATIONS)
 @pytest.mark.parametrize("coupling", COUPLINGS)
-def test_level_batched_weights_equal_step_by_step(permutation, coupling):
-    """Glow computes the K steps' weights of a level together (flows/batched.py): the same values and
-    gradients as every step computing its own (MultiScaleFlow's step-by-step level)."""
-    from flowlab.flows import MultiScaleFlow
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_levels_equal_the_plain_layers(permutation, coupling, training):
+    """``Glow.fused`` (flows/fused.py: each level's ActNorm + 1×1 / n×n conv composed at once) gives the
+    same log-density and gradients as every layer's own forward (``fused = False``)."""
+    from flowlab.flows import fused
 
     torch.manual_seed(0)
     model = Glow(3, 8, K=3, L=2, hidden_channels=8, permutation=permutation, coupling=coupling).double()
     x = (torch.rand(4, 3, 8, 8) - 0.5).double()
     prepared(model, x)
-    model.train()  # the training path (every ActNorm initialised)
+    model.train(training)
+    steps = [layer for layer in model.levels[0] if isinstance(layer, FlowStep)]
+    assert fused.applies(steps) == (permutation in ("nxn", "conv1x1", "conv1x1_lu"))
 
-    def run(level_fn):
+    def run(flag):
         model.zero_grad()
-        model._encode_level = level_fn.__get__(model)
-        try:
-            log_prob = model.log_prob(x)
-        finally:
-            del model._encode_level
+        model.fused = flag
+        log_prob = model.log_prob(x)
         log_prob.sum().backward()
-        return log_prob.detach(), [p.grad.clone() for p in model.parameters()]
+        return log_prob.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    batched, batched_grads = run(Glow._encode_level)
-    stepwise, stepwise_grads = run(MultiScaleFlow._encode_level)
-    torch.testing.assert_close(batched, stepwise, rtol=1e-12, atol=1e-10)
-    for g_batched, g_stepwise in zip(batched_grads, stepwise_grads):
-        torch.testing.assert_close(g_batched, g_stepwise, rtol=1e-10, atol=1e-10)
+    (fast, fast_grads), (plain, plain_grads) = run(True), run(False)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-10)
+    assert len(fast_grads) == len(plain_grads) > 0
+    for g_fast, g_plain in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-10, atol=1e-10)
 
 
 def test_channels_last_coupling_network_is_the_same_map():

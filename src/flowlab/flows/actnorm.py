@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .utils import exact, per_sample
+from .utils import in_accumulation_dtype, per_sample
 
 _MIN_STD = 1e-6
 
@@ -69,7 +69,7 @@ class ActNorm(nn.Module):
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         """The data-independent log-det as a scalar."""
-        return height * width * exact(self.log_scale()).sum()
+        return height * width * in_accumulation_dtype(self.log_scale()).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not self._initialized:

@@ -20,24 +20,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int  # realnvp.py takes check_int from here
 from .multiscale import SplitPrior, TopPrior, gaussian_log_prob, gaussian_sample
-from .utils import exact
+from .utils import in_accumulation_dtype
 
 SPLIT_PRIORS = ("learned", "standard")
 
 
-def check_int(name: str, value, minimum: int) -> int:
-    """Raise ConfigError unless ``value`` is an integer ≥ minimum."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is not allowed: it must be an integer ≥ {minimum}")
-    return value
-
-
 def check_n_bits(n_bits) -> int:
-    if isinstance(n_bits, bool) or not isinstance(n_bits, int) or not 1 <= n_bits <= 8:
-        raise ConfigError(f"n_bits={n_bits!r} is not allowed: it must be an integer in 1..8")
-    return n_bits
+    return check_int("model.n_bits", n_bits, 1, 8)
 
 
 def check_image_size(image_size, L: int, squeezes: int | None = None) -> tuple[int, int]:
@@ -48,8 +39,10 @@ def check_image_size(image_size, L: int, squeezes: int | None = None) -> tuple[i
     """
     squeezes = L if squeezes is None else squeezes
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in hw):
-        raise ConfigError(f"image_size={image_size!r} is not allowed: give a positive int or (height, width)")
+    if len(hw) != 2:
+        raise ConfigError(f"model.image_size={image_size!r} is not allowed: give a positive int or (height, width)")
+    for s in hw:
+        check_int("model.image_size", s, 1)
     factor = 2**squeezes
     for s in sorted(set(hw)):
         if s % factor:
@@ -162,7 +155,7 @@ class MultiScaleFlow(nn.Module):
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """(zs, log-det, log prior) in one pass."""
         self._check_input(x)
-        logdet = exact(x.new_zeros(x.shape[0]))
+        logdet = in_accumulation_dtype(x.new_zeros(x.shape[0]))
         log_prior = torch.zeros_like(logdet)
         zs = []
         h = x

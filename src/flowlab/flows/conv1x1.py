@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .utils import exact, per_sample, pointwise_conv, random_orthogonal
+from .utils import in_accumulation_dtype, per_sample, pointwise_conv, random_orthogonal
 
 
 class InvertibleConv1x1(nn.Module):
@@ -53,8 +53,8 @@ class InvertibleConv1x1(nn.Module):
     def logabsdet(self) -> torch.Tensor:
         """``log|det W|`` (a scalar, float32 or float64)."""
         if self.lu:
-            return exact(self.log_s).sum()
-        return torch.linalg.slogdet(self.weight.double())[1].to(exact(self.weight).dtype)
+            return in_accumulation_dtype(self.log_s).sum()
+        return torch.linalg.slogdet(self.weight.double())[1].to(in_accumulation_dtype(self.weight).dtype)
 
     def _factor_params(self) -> tuple[torch.Tensor, ...]:
         return (self.L, self.U, self.log_s) if self.lu else (self.weight,)
@@ -91,13 +91,6 @@ class InvertibleConv1x1(nn.Module):
         return height * width * self.logabsdet()
 
     # -- flow interface ---------------------------------------------------------------------
-    def affine(self) -> tuple[torch.Tensor, None]:
-        """The layer as ``y = A x + c`` per pixel: (A, c); used to fold neighbouring per-channel maps."""
-        return self.weight_matrix(), None
-
-    def inverse_affine(self) -> tuple[torch.Tensor, None]:
-        return self.inverse_matrix(), None
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return pointwise_conv(x, self.weight_matrix()), per_sample(self.logdet(x.shape[2], x.shape[3]), x)
 

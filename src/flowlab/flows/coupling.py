@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .actnorm import ActNorm
-from .utils import LOG_SCALE_BOUND, exact, pointwise_conv, sum_except_batch
+from .utils import LOG_SCALE_BOUND, in_accumulation_dtype, pointwise_conv, sum_except_batch
 
 _EDGE_MAPS: dict[tuple, torch.Tensor] = {}
 
@@ -75,23 +75,20 @@ class ZeroConv2d(nn.Module):
 class CouplingNet(nn.Module):
     """3×3 conv → ActNorm → ReLU → 1×1 conv → ActNorm → ReLU → zero-initialised 3×3 conv.
 
-    Each ActNorm is folded into the convolution before it (``(W∗x + b)·s = (W·s)∗x + b·s``), so
-    the hidden activations, the largest tensors of the model, see one fused operation instead of
-    three; the 1×1 convolution runs as a matrix product. The ActNorms keep their own parameters
-    and data-dependent initialisation (on the first training batch, always in the input's dtype
-    and layout).
+    Each ActNorm is applied folded into the convolution before it (``(W∗x + b)·s = (W·s)∗x + b·s``),
+    so the hidden activations, the largest tensors of the model, see one operation instead of three
+    (about a fifth of a CPU training step); the 1×1 convolution runs as a matrix product. The ActNorms
+    keep their own parameters and data-dependent initialisation (:meth:`_initialize`).
 
     Two switches change how the network is computed, never what it computes (set them for a whole
     model with :meth:`flowlab.flows.MultiScaleFlow.set_coupling_dtype`):
 
     * ``compute_dtype`` (None, or e.g. ``torch.bfloat16``): the input and the folded weights are
-      cast to this dtype, so every convolution and matrix product runs in it (tensor cores on
-      GPUs, AMX on recent Xeons); the master weights, their gradients and the output stay in the
-      input's dtype, so the flow's own arithmetic (coupling maps, log-dets, priors) never leaves
-      float32.
-    * ``channels_last``: the hidden activations are kept channels-last (NHWC), where the 1×1
-      convolution is one matrix product over all pixels and oneDNN / cuDNN run their fastest 3×3
-      kernels. The output (2·C channels, small) is then channels-last as well.
+      cast to it, so every convolution and matrix product runs in it (tensor cores, AMX); the
+      master weights, their gradients and the output stay in the input's dtype, so the flow's own
+      arithmetic (coupling maps, log-dets, priors) never leaves float32.
+    * ``channels_last``: the hidden activations are NHWC, where the 1×1 convolution is one matrix
+      product over all pixels and oneDNN / cuDNN run their fastest 3×3 kernels.
 
     ``edge_bias`` and ``logscale_factor`` (of the two ActNorms) are openai/glow's switches, see
     :func:`conv_same` and :class:`ActNorm`.
@@ -113,30 +110,19 @@ class CouplingNet(nn.Module):
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
-        """Data-dependent initialisation of both ActNorms, in the input's dtype and layout."""
-        if not self.norm1._initialized:
-            self.norm1.initialize(conv_same(x, self.conv1.weight.to(x.dtype), None, self.edge_bias))
-        w1, c1 = self.folded_weights(x.dtype)[:2]
-        h = F.relu(conv_same(x, w1, c1, self.edge_bias))
-        if not self.norm2._initialized:
-            self.norm2.initialize(pointwise_conv(h, self.conv2.weight.view(self.conv2.out_channels, -1)))
+        """Data-dependent initialisation of both ActNorms: the layers run unfolded, in the input's dtype."""
+        h, _ = self.norm1(conv_same(x, self.conv1.weight.to(x.dtype), None, self.edge_bias))
+        self.norm2(F.conv2d(F.relu(h), self.conv2.weight.to(x.dtype)))
 
-    def folded_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """``(w1, c1, w2, c2, w3, b3)`` in ``dtype``: the three convolutions with the ActNorms and the
-        output scale folded in (w2 as a [C, C] matrix). :func:`flowlab.flows.batched.coupling_net_weights`
-        computes the same for the K networks of a level at once."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not (self.norm1._initialized and self.norm2._initialized):
+            self._initialize(x)
         s1, c1 = self.norm1.scale_shift()
         s2, c2 = self.norm2.scale_shift()
         w1 = self.conv1.weight * s1.view(-1, 1, 1, 1)
         w2 = self.conv2.weight.view(self.conv2.out_channels, -1) * s2.view(-1, 1)
-        return tuple(t.to(dtype) for t in (w1, c1, w2, c2, *self.out.folded()))
-
-    def forward(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """The network's output for ``x``; ``weights``: :meth:`folded_weights` computed beforehand."""
-        if self.training and not (self.norm1._initialized and self.norm2._initialized):
-            self._initialize(x)
         dtype = self.compute_dtype or x.dtype
-        w1, c1, w2, c2, w3, b3 = self.folded_weights(dtype) if weights is None else weights
+        w1, c1, w2, c2, w3, b3 = (t.to(dtype) for t in (w1, c1, w2, c2, *self.out.folded()))
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         h = F.relu(conv_same(x.to(dtype=dtype, memory_format=layout), w1, c1, self.edge_bias), inplace=True)
         if self.channels_last:
@@ -171,17 +157,16 @@ class AffineCoupling(_Coupling):
     def __init__(self, channels: int, hidden_channels: int, **net_options):
         super().__init__(channels, hidden_channels, params_per_channel=2, **net_options)
 
-    def _shift_logscale(self, x_a: torch.Tensor, net_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
-        shift, raw_scale = self.net(x_a, net_weights).chunk(2, dim=1)
+    def _shift_logscale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, raw_scale = self.net(x_a).chunk(2, dim=1)
         # Bounded below so the scale can never underflow to 0 (which would make the layer
         # non-invertible and its inverse NaN); the map computed is exactly the one whose log-det
         # is returned. σ(h + 2) only reaches the bound for h < −9, where its gradient is ~1e-4.
-        return shift, F.logsigmoid(exact(raw_scale) + 2.0).clamp_min(-LOG_SCALE_BOUND)
+        return shift, F.logsigmoid(in_accumulation_dtype(raw_scale) + 2.0).clamp_min(-LOG_SCALE_BOUND)
 
-    def forward(self, x: torch.Tensor, net_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``net_weights``: the coupling network's folded weights, computed beforehand (or None)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]
-        shift, log_scale = self._shift_logscale(x_a, net_weights)
+        shift, log_scale = self._shift_logscale(x_a)
         y_b = ((x_b + shift) * torch.exp(log_scale)).to(x.dtype)
         return torch.cat([x_a, y_b], dim=1), sum_except_batch(log_scale)
 
@@ -198,10 +183,10 @@ class AdditiveCoupling(_Coupling):
     def __init__(self, channels: int, hidden_channels: int, **net_options):
         super().__init__(channels, hidden_channels, params_per_channel=1, **net_options)
 
-    def forward(self, x: torch.Tensor, net_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]
-        y_b = (x_b + self.net(x_a, net_weights)).to(x.dtype)
-        return torch.cat([x_a, y_b], dim=1), exact(x.new_zeros(x.shape[0]))
+        y_b = (x_b + self.net(x_a)).to(x.dtype)
+        return torch.cat([x_a, y_b], dim=1), in_accumulation_dtype(x.new_zeros(x.shape[0]))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         y_a, y_b = y[:, : self.split], y[:, self.split :]

@@ -1,73 +1,26 @@
-"""Emerging convolutions (Hoogeboom, van den Berg & Welling, ICML 2019, arXiv 1901.11137).
+"""Emerging convolutions (Hoogeboom, van den Berg & Welling, ICML 2019), as in ``ehoogeboom/emerging``.
 
-The layer, as in the reference code ``ehoogeboom/emerging`` (``model.py``, ``flow_permutation == 3``,
-which calls ``conv2d/conv1x1.py:invertible_1x1_conv`` and then
-``conv2d/conv2d.py:invertible_conv2D_emerging``), is, at every flow step::
+At every flow step (their ``flow_permutation == 3``): ``z → 1×1 invertible conv W → square
+autoregressive conv K₁ → its flipped mirror K₂ → + bias``. For an effective receptive field k (odd),
+r = (k − 1)/2, K₁ keeps only the bottom-right (r+1)×(r+1) quadrant of a k×k kernel (output (i, j)
+reads pixels (i + a, j + b), a, b ∈ 0..r) and at the centre tap the channels ``in ≤ out``; K₂ is the
+same mask flipped on all four axes (``mask[::-1, ::-1, ::-1, ::-1]``: pixels (i − a, j − b), channels
+``in ≥ out``), with independent weights. As their ``forward_fast``, only the quadrant is stored and
+applied: a q×q convolution, q = r + 1, after zero-padding by r. K₂∘K₁ then reads exactly the k×k
+window. Both Jacobians are triangular, so ``log|det| = H·W·(Σ log|d₁| + Σ log|d₂| + log|det W|)``
+with d the centre diagonals. Initialisation as their ``stable_init``: kernel entries N(0, 0.02²)
+plus the identity on the centre tap, bias 0, W random orthogonal.
 
-    z → 1×1 invertible conv W → square autoregressive conv K₁ → its flipped mirror K₂ → + bias b
+The inverse is exact and vectorised: K₂ is solved in order of the anti-diagonal t = i + j (K₁ in
+reverse), all pixels of one anti-diagonal at once, ``x_p = C⁻¹ y_p − Σ_t (C⁻¹ K_t) x_{p+offset_t}``
+with C the centre tap: ``H + W − 1`` steps per masked conv, the fewest possible for q ≥ 2.
+``C⁻¹`` and ``C⁻¹K_t`` are formed in float64.
 
-**Masks** (``get_conv_square_ar_mask(k, k, C, C)``; their layout is ``[h, w, in, out]``, ours
-``[out, in, h, w]``). For an effective receptive field k (odd) let r = (k − 1)/2. The mask of K₁
-zeroes the rows above and the columns left of the centre of a k×k kernel, so it keeps the
-bottom-right QUADRANT of (r+1)×(r+1) taps (centre included); at the centre tap it keeps the
-channel triangle ``in ≤ out`` (``get_linear_ar_mask``, diagonal included). In cross-correlation
-(TF's and torch's ``conv2d``) output pixel (i, j) of K₁ therefore reads input pixels
-(i + a, j + b), a, b ∈ 0..r, and at (i, j) itself only channels ≤ its own. K₂'s mask is
-``mask[::-1, ::-1, ::-1, ::-1]``: the spatial flip keeps the top-left quadrant (pixels
-(i − a, j − b)), the flip of both channel axes turns the centre triangle into ``in ≥ out``. The
-weights of K₁ and K₂ are independent. Their ``forward_fast`` applies only the non-zero quadrant:
-a (r+1)×(r+1) convolution (``w1[kcent:, kcent:]``, ``w2[:-kcent, :-kcent]``) after zero-padding
-the bottom/right (K₁) or the top/left (K₂) by r — for the default ksize=3 that ``model.py`` uses,
-two 2×2 convolutions. So does this module: :class:`MaskedConv` holds and applies a q×q kernel,
-q = r + 1, and :class:`EmergingConv` ``(kernel_size=k)`` builds two of them with q = (k+1)/2.
-
-**Receptive field.** K₂∘K₁ reads offsets (a − a′, b − b′) with a, a′, b, b′ ∈ 0..r, i.e. every
-offset in [−r, r]²: exactly the k×k window, clipped by the zero padding at the borders (the
-1×1 conv mixes no pixels).
-
-**Log-det.** Order pixels in raster order, channels within a pixel. K₁'s Jacobian is block upper
-triangular (pixel (i, j) depends only on itself and on raster-later pixels) and its diagonal
-block, the centre tap, is lower triangular with diagonal d₁; K₂'s mirrors that. Hence
-``log|det| = H·W·(Σ_c log|d₁_c| + Σ_c log|d₂_c|) + H·W·log|det W|`` (the bias adds nothing).
-
-**Inverse** (exact; a vectorised wavefront substitution). To invert K₂ (pixel (i, j) depends on
-(i − a, j − b)) solve the pixels in order of t = i + j; to invert K₁, in order of
-t = (H−1−i) + (W−1−j). Every non-centre tap moves t by a + b ≥ 1, so all pixels on one
-anti-diagonal t are solved at once, vectorised over the batch, the channels and the whole
-anti-diagonal: ``H + W − 1`` steps per masked conv (1 step when q = 1), not H·W. That is also
-the fewest possible for q ≥ 2: the taps (1, 0) and (0, 1) chain pixel (0, 0) to (H−1, W−1)
-through H + W − 1 pixels. With the centre tap C (triangular) and the other taps K_t::
-
-    x_p = C⁻¹ y_p − Σ_t (C⁻¹ K_t) x_{p+offset_t}
-
-``C⁻¹`` and ``C⁻¹K_t`` are formed once per call in float64; ``C⁻¹ y`` is one matrix product over
-the image; each step is one gather of the already-solved neighbours, one batched matrix product
-and one copy. (The previous half-plane masks of this file needed (r+1)(H−1) + W steps each.)
-
-**Initialisation** (``get_conv_weight_np`` with ``stable_init=True``): every kernel entry
-N(0, 0.02²) plus the identity on the centre tap, so each masked conv starts at
-``I + O(0.02)`` (near identity, log-det ≈ 0); the bias starts at 0; W random orthogonal.
-
-**Differences that remain, on purpose:**
-
-- Centre diagonal: the reference keeps it as a raw weight ``w[kcent, kcent, c, c]`` (init
-  1 + N(0, 0.02²)), free to cross 0 (a singular layer, log-det −∞). Here it is
-  ``sign_c · exp(clamp(log_d_c, ±7))`` (:func:`flowlab.flows.utils.bounded_log_scale`) with
-  ``log_d`` initialised to ``log|1 + N(0, 0.02²)|`` and the sign fixed at its initial value (+1):
-  the same initial distribution, but it can never reach 0 and the gradient is w.r.t. the log.
-- Masked-out entries are not stored (q×q weights instead of masked k×k ones); they received no
-  gradient in the reference either, so training is the same.
-- Inverse: the reference's is ``tf.py_func`` (no gradient) calling a Cython loop on the CPU in
-  float64, parallel over the batch only, pixel by pixel in raster order (reversed for K₁) and
-  channel by channel (``conv2d/inverses/inverse_cython.py``, ``inverse_op_cython.pyx``; it
-  rescales the weights by ``1/min|diag|`` and casts the result to float32). Here it runs on the
-  input's device and in its dtype with the wavefront above and is differentiable; only the small
-  weight algebra (C⁻¹, C⁻¹K_t) is float64.
-- Log-det: the reference sums ``log|diag|`` in float32; here float32/float64 (:func:`exact`).
-- The 1×1 conv: ``lu`` selects flowlab's LU form or the plain matrix; the reference's training
-  commands use its default ``--decomposition ''``, i.e. the plain matrix (``lu=False``). Its
-  log-det and inverse are computed in float64 either way.
-- No dilation option (the reference has one; ``model.py`` uses dilation 1).
+Deliberate differences from the reference: the centre diagonal is ``sign·exp(clamp(log_d, ±7))``
+(same initial distribution, but it can never reach 0, where the reference's raw weight can); the
+inverse runs on the input's device and is differentiable (theirs: a float64 Cython loop on the CPU,
+no gradient); log-dets are accumulated in float32/float64; no dilation option. ``lu`` selects the
+1×1 form; their training commands use the plain matrix, as Glow's ``permutation="emerging"`` does.
 """
 
 import torch
@@ -75,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv1x1 import InvertibleConv1x1
-from .utils import bounded_log_scale, exact, per_sample
+from .utils import bounded_log_scale, in_accumulation_dtype, per_sample
 
 #: std of the initial kernel entries, as ``get_conv_weight_np`` in the reference.
 INIT_STD = 0.02
@@ -145,7 +98,7 @@ class MaskedConv(nn.Module):
         return self.weight * self.mask + self.centre_eye * self.diagonal().view(-1, 1, 1, 1)
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
-        return height * width * exact(bounded_log_scale(self.log_d)).sum()
+        return height * width * in_accumulation_dtype(bounded_log_scale(self.log_d)).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = F.conv2d(F.pad(x, self.padding), self.kernel().to(x.dtype))

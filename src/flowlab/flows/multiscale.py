@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .coupling import ZeroConv2d
-from .utils import exact, sum_except_batch
+from .utils import in_accumulation_dtype, sum_except_batch
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -29,7 +29,7 @@ class Squeeze(nn.Module):
     """Squeeze as a flow layer (a permutation of entries: log-det 0)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return squeeze2d(x), exact(x.new_zeros(x.shape[0]))
+        return squeeze2d(x), in_accumulation_dtype(x.new_zeros(x.shape[0]))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return unsqueeze2d(y)
@@ -37,7 +37,7 @@ class Squeeze(nn.Module):
 
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
     """log N(z; mean, exp(logs)²) summed per sample, in float32 (or float64)."""
-    z, mean, logs = exact(z), exact(mean), exact(logs)
+    z, mean, logs = in_accumulation_dtype(z), in_accumulation_dtype(mean), in_accumulation_dtype(logs)
     return sum_except_batch(-0.5 * (_LOG_2PI + 2.0 * logs + (z - mean) ** 2 * torch.exp(-2.0 * logs)))
 
 

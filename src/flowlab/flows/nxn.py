@@ -39,15 +39,6 @@ class InvertibleNxNConv(nn.Module):
         w = self.conv.weight_matrix()
         return w * self.shift.alpha().unsqueeze(0), w @ self.shift.beta
 
-    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer as ``y = A x + c`` per pixel (the folded form)."""
-        return self.folded()
-
-    def inverse_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x = diag(1/α) W⁻¹ y − β/α`` as (A⁻¹, c')."""
-        inv_alpha = 1.0 / self.shift.alpha()
-        return self.conv.inverse_matrix() * inv_alpha.unsqueeze(1), -self.shift.beta * inv_alpha
-
     def logdet(self, height: int, width: int) -> torch.Tensor:
         return self.shift.logdet(height, width) + self.conv.logdet(height, width)
 
@@ -55,4 +46,6 @@ class InvertibleNxNConv(nn.Module):
         return pointwise_conv(x, *self.folded()), per_sample(self.logdet(x.shape[2], x.shape[3]), x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return pointwise_conv(y, *self.inverse_affine())
+        """``x = diag(1/α)·W⁻¹ y − β/α``."""
+        inv_alpha = 1.0 / self.shift.alpha()
+        return pointwise_conv(y, self.conv.inverse_matrix() * inv_alpha.unsqueeze(1), -self.shift.beta * inv_alpha)

@@ -46,17 +46,17 @@ from .logit import Logit
 from .multiscale import Squeeze
 from .permute import ChannelPermutation
 from .resnet import ResNet
-from .utils import exact, sum_except_batch
+from .utils import in_accumulation_dtype, sum_except_batch
 
 
 def _affine(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x·exp(s) + t`` in float32 (float64 stays), returned in x's dtype."""
-    return (exact(x) * torch.exp(s) + t).to(x.dtype)
+    return (in_accumulation_dtype(x) * torch.exp(s) + t).to(x.dtype)
 
 
 def _affine_inverse(y: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``(y − t)·exp(−s)`` in float32 (float64 stays), returned in y's dtype."""
-    return ((exact(y) - t) * torch.exp(-s)).to(y.dtype)
+    return ((in_accumulation_dtype(y) - t) * torch.exp(-s)).to(y.dtype)
 
 
 class CheckerboardCoupling(nn.Module):
@@ -83,8 +83,9 @@ class CheckerboardCoupling(nn.Module):
     def _s_t(self, x: torch.Tensor, batch_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.mask(x)
         t, raw = self.net(x * m, batch_stats, m.expand(x.shape[0], 1, -1, -1)).chunk(2, dim=1)
-        keep = 1 - exact(m)
-        return exact(self.scale) * torch.tanh(exact(raw)) * keep, exact(t) * keep
+        keep = 1 - in_accumulation_dtype(m)
+        s = in_accumulation_dtype(self.scale) * torch.tanh(in_accumulation_dtype(raw))
+        return s * keep, in_accumulation_dtype(t) * keep
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, t = self._s_t(x, self.training)
@@ -118,7 +119,7 @@ class ChannelCoupling(nn.Module):
 
     def _s_t(self, cond: torch.Tensor, batch_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
         t, raw = self.net(cond, batch_stats).chunk(2, dim=1)
-        return exact(self.scale) * torch.tanh(exact(raw)), exact(t)
+        return in_accumulation_dtype(self.scale) * torch.tanh(in_accumulation_dtype(raw)), in_accumulation_dtype(t)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cond, changed = self._split(x)

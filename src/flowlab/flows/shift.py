@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .utils import bounded_log_scale, exact, per_sample
+from .utils import bounded_log_scale, in_accumulation_dtype, per_sample
 
 
 class InvertibleShift(nn.Module):
@@ -28,7 +28,7 @@ class InvertibleShift(nn.Module):
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
         """The data-independent log-det as a scalar."""
-        return height * width * exact(self.log_abs_alpha()).sum()
+        return height * width * in_accumulation_dtype(self.log_abs_alpha()).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = x * self.alpha().view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1)

@@ -13,8 +13,8 @@ def bounded_log_scale(raw: torch.Tensor) -> torch.Tensor:
     return raw.clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND)
 
 
-def exact(t: torch.Tensor) -> torch.Tensor:
-    """The dtype log-dets and priors are accumulated in: float64 stays, anything else becomes float32."""
+def in_accumulation_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype log-dets and priors are accumulated in: float64 stays, anything else becomes float32."""
     return t if t.dtype == torch.float64 else t.float()
 
 
@@ -31,9 +31,8 @@ def per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A 1×1 convolution as one batched matrix product: ``y[b, :, p] = weight @ x[b, :, p] + bias``.
 
-    Measured on the 2-core CPU: oneDNN's 1×1 convolution on NCHW tensors costs about as much as a
-    3×3 one (forward and backward), while the matrix product is several times faster; on GPUs it
-    maps to the same cuBLAS GEMM a 1×1 convolution uses.
+    On CPUs oneDNN's NCHW 1×1 convolution costs about as much as a 3×3 one, the matrix product
+    several times less; on GPUs both are the same cuBLAS GEMM.
     """
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
