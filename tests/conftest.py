@@ -26,6 +26,13 @@ def fake_data_overrides():
 
 
 @pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch):
+    """Every test logs to W&B offline and quietly: nothing may need an account or the network."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
 def _no_inherited_wandb_service():
     """An in-process ``wandb.init`` leaves ``WANDB_SERVICE`` (a socket of this process's W&B service)
     in os.environ; a flowlab command started later as a subprocess would inherit it and talk to a

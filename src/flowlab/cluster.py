@@ -1,4 +1,4 @@
-"""Multi-process and cluster runs: the SLURM launcher, SLURM requeue, and which DDP strategy works where.
+"""Multi-process and cluster runs: the submitit launcher with SLURM requeue, and which DDP strategy works where.
 
 How the pieces fit (see also README, "Clusters"):
 
@@ -7,7 +7,7 @@ How the pieces fit (see also README, "Clusters"):
   and ``tasks_per_node = gpus_per_node = trainer.devices``; SLURM starts every DDP process and Lightning's
   ``SLURMEnvironment`` wires them together, so nothing is relaunched with the sweep's arguments.
 - **Requeue** is Lightning's (``SLURMEnvironment(auto_requeue=True)``): SLURM sends SIGUSR1
-  ``signal_delay_s`` seconds before the time limit (``--signal=USR1@<s>``, set by :class:`SlurmLauncher`);
+  ``signal_delay_s`` seconds before the time limit (``--signal=USR1@<s>``, set by :class:`RequeueSubmititLauncher`);
   Lightning saves ``hpc_ckpt_<n>.ckpt`` in the run directory and calls ``scontrol requeue``. The
   requeued job runs the same pickled job with the same config, hence the same run directory, and
   ``flowlab-train`` resumes from the newest checkpoint there. ``max_num_timeout`` bounds the number of
@@ -28,11 +28,11 @@ from typing import Any
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _HydraSlurmLauncher
 
-from flowlab.errors import ConfigError
+from flowlab.errors import ConfigError, check_choice
 
-__all__ = ["SlurmLauncher", "cluster_plugins", "check_strategy_for_multirun", "set_requeue_allowed", "REQUEUE_ENV"]
+__all__ = ["RequeueSubmititLauncher", "cluster_plugins", "check_strategy_for_multirun", "set_requeue_allowed", "REQUEUE_ENV"]
 
-#: set on the node by :class:`SlurmLauncher`: "1" while requeues are left, "0" once max_num_timeout is used up
+#: set on the node by :class:`RequeueSubmititLauncher`: "1" while requeues are left, "0" once max_num_timeout is used up
 REQUEUE_ENV = "FLOWLAB_SLURM_AUTO_REQUEUE"
 
 # strategies whose launcher starts the other local processes by running the script again (sys.argv)
@@ -86,7 +86,7 @@ def check_strategy_for_multirun(trainer_cfg: Mapping, multirun: bool) -> None:
             "hydra/launcher=slurm (one SLURM job per sweep point, SLURM starts the processes)")
 
 
-class SlurmLauncher(_HydraSlurmLauncher):
+class RequeueSubmititLauncher(_HydraSlurmLauncher):
     """Hydra's submitit SLURM launcher with flowlab's requeue wiring.
 
     Extra parameters (everything else is hydra-submitit-launcher's ``SlurmQueueConf``):
@@ -97,8 +97,7 @@ class SlurmLauncher(_HydraSlurmLauncher):
     """
 
     def __init__(self, cluster: str = "slurm", requeue_signal: str = "USR1", **params: Any) -> None:
-        if cluster not in ("slurm", "local", "debug"):
-            raise ConfigError(f"hydra.launcher.cluster={cluster!r} is not allowed: use slurm, local or debug")
+        check_choice("hydra.launcher.cluster", cluster, ("slurm", "local", "debug"))
         name = str(requeue_signal).upper().removeprefix("SIG")
         if not hasattr(signal, "SIG" + name):
             raise ConfigError(f"hydra.launcher.requeue_signal={requeue_signal!r} is not a signal name (e.g. USR1)")

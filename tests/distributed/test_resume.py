@@ -20,8 +20,18 @@ import pytest
 
 from flowlab.errors import CheckpointError
 from flowlab.lit.checkpoint import load_checkpoint, module_from_checkpoint
-from tests.distributed.helpers import (REPO, base_args, child_env, load, run_train, signal_when, start_train, stop,
-                                       wait_for, write_data)
+from tests.distributed.helpers import (
+    REPO,
+    base_args,
+    child_env,
+    load,
+    run_train,
+    signal_when,
+    start_train,
+    stop,
+    wait_for,
+    write_data,
+)
 
 pytestmark = pytest.mark.distributed
 

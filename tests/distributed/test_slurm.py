@@ -40,7 +40,7 @@ def test_slurm_launcher_composes_and_its_sbatch_script_asks_for_the_job(tmp_path
     import hydra
     import submitit
 
-    from flowlab.cluster import SlurmLauncher
+    from flowlab.cluster import RequeueSubmititLauncher
 
     fakeslurm.install(tmp_path / "bin", tmp_path / "state")  # submitit's SLURM executor wants an srun on PATH
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
@@ -49,7 +49,7 @@ def test_slurm_launcher_composes_and_its_sbatch_script_asks_for_the_job(tmp_path
                     "run_name=cifar_nxn", f"paths.output_dir={tmp_path / 'out'}",
                     "hydra.launcher.setup=[source .venv/bin/activate]"])
     launcher = hydra.utils.instantiate(cfg.hydra.launcher)
-    assert isinstance(launcher, SlurmLauncher) and launcher.cluster == "slurm"
+    assert isinstance(launcher, RequeueSubmititLauncher) and launcher.cluster == "slurm"
     init, update = launcher.executor_parameters()
     assert init["folder"] == f"{tmp_path / 'out'}/multirun/cifar_nxn/.submitit/%j"
     assert init["slurm_max_num_timeout"] == 10

@@ -29,12 +29,6 @@ def quiet(extra: list[str] | None = None) -> list[str]:
             *(extra or [])]
 
 
-@pytest.fixture(autouse=True)
-def _offline_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-
-
 @pytest.fixture(scope="module")
 def env(fake_data_dir, fake_data_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")

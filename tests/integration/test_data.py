@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import pickle
 import warnings
 from pathlib import Path
@@ -15,8 +14,17 @@ from PIL import Image
 import flowlab.data as fd
 from flowlab.data.celebahq import celebahq_split
 from flowlab.errors import ConfigError, DataError
-from tests.fakedata import (SMALL_OVERRIDES, garbage, random_images, truncate, write_celebahq, write_cifar10,
-                            write_idx, write_imagenet_npz, write_imagenet_png)
+from tests.fakedata import (
+    SMALL_OVERRIDES,
+    garbage,
+    random_images,
+    truncate,
+    write_celebahq,
+    write_cifar10,
+    write_idx,
+    write_imagenet_npz,
+    write_imagenet_png,
+)
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -597,32 +605,6 @@ def _compose(name, data_dir, overrides=()):
 
 def test_config_files_cover_every_datamodule():
     assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted(fd.DATAMODULES)
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_config_keys_are_the_constructor_arguments_with_its_defaults(name):
-    from omegaconf import OmegaConf
-
-    cfg = _compose(name, "/d")
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    cls = fd.DATAMODULES[name]
-    assert data.pop("_target_") == f"flowlab.data.{cls.__name__}"
-    params = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
-    assert set(data) == set(params)
-    dm = cls(**data)
-    for key, value in data.items():
-        if key == "root":
-            continue
-        default = params[key]
-        if name.startswith("imagenet64") and key == "resolution":
-            assert value == 64  # the differences between the ImageNet choices: resolution and release
-        elif name.startswith("imagenet") and key == "release":
-            assert value == ("chrabaszcz" if name.endswith("_chrabaszcz") else default)
-        elif default is None:  # "take it from the data": the YAML states what the data has
-            assert value == getattr(dm, key), key
-        else:
-            assert value == default, f"conf/data/{name}.yaml {key}={value!r} but the code default is {default!r}"
-    assert dm.n_bits == (5 if name == "celebahq256" else 8)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

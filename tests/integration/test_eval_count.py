@@ -19,9 +19,10 @@ from flowlab.data import CelebAHQDataModule, FlowDataModule, TensorSource
 from flowlab.lit import FlowModule
 from flowlab.lit.metrics import KeyedBitsPerDim
 from tests.fakedata import write_celebahq
+from tests.settings import optim
 
 N_TEST = 11
-OPTIM = {"optimizer": "adam", "lr": 1e-3, "warmup_steps": 0, "grad_clip": 50.0, "ema_decay": None}
+OPTIM = optim()
 
 
 def tiny(channels: int, n_bits: int) -> dict:

@@ -17,12 +17,6 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def _offline_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-
-
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_fast_dev_run_of_every_experiment(experiment, fake_data_dir, fake_data_overrides, tmp_path):
     args = [f"experiment={experiment}", "hydra.mode=RUN", "trainer=cpu", "debug=fdr", "model.K=1",
@@ -35,11 +29,12 @@ def test_fast_dev_run_of_every_experiment(experiment, fake_data_dir, fake_data_o
     assert list((tmp_path / "runs" / "fdr" / "samples").glob("*.png")), "sample grids were drawn"
 
 
+@pytest.mark.slow  # real-data training
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_a_few_steps_on_the_real_fashion_mnist(tmp_path):
     # paths.data_dir holds no data: the module finds the Debian files in /usr/share/datasets/fashion-mnist
     args = ["experiment=quickstart", "debug=fast", "trainer.max_steps=20", "trainer.val_check_interval=10",
-            "optim.warmup_steps=5", "trainer.limit_test_batches=4", "logger=csv", "data.val_size=500",
+            "optim.scheduler.warmup_steps=5", "trainer.limit_test_batches=4", "logger=csv", "data.val_size=500",
             f"paths.data_dir={tmp_path / 'empty'}", f"paths.output_dir={tmp_path}", "run_name=real", *quiet()]
     code, out, err = run("train", args)
     assert code == 0, err[-4000:]

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from flowlab import flows
 from flowlab.errors import CheckpointError, UserError
 from flowlab.lit import FlowModule, load_checkpoint, module_from_checkpoint
 from flowlab.lit.loggers import CSVLogger
@@ -21,17 +22,18 @@ from flowlab.lit.monitors import InvertibilityMonitor, InvertibilityWarning, Tra
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
 
-PERMUTATIONS = ["nxn", "conv1x1", "conv1x1_lu", "reverse", "shuffle", "emerging"]
+PERMUTATIONS = list(flows.PERMUTATIONS)
 
 
 def tiny(permutation: str = "nxn", channels: int = 1, n_bits: int = 8, **kw) -> dict:
+    """A small Glow; the n×n conv with an LU 1×1 inside (the form whose log-det cannot pass through 0)."""
     return {"_target_": "flowlab.flows.Glow", "in_channels": channels, "image_size": 8, "K": 1, "L": 2,
-            "hidden_channels": 8, "permutation": permutation, "n_bits": n_bits, **kw}
+            "hidden_channels": 8, "permutation": permutation, "nxn_conv1x1": "lu", "n_bits": n_bits, **kw}
 
 
 def optim(**kw) -> dict:
-    return {"optimizer": "adam", "lr": 1e-3, "warmup_steps": 0, "grad_clip": 50.0, "ema_decay": None,
-            "max_consecutive_skips": 20, **kw}
+    return {"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}, "scheduler": None,
+            "grad_clip": 50.0, "ema_decay": None, "max_consecutive_skips": 20, **kw}
 
 
 def images(n: int = 64, seed: int = 0, channels: int = 1) -> torch.Tensor:
@@ -142,7 +144,7 @@ def test_a_run_that_keeps_failing_stops_with_one_message_and_its_last_good_state
     path = tmp_path / "checkpoints" / "last_good_step_0000009.ckpt"
     msg = str(e.value)
     assert "training stopped at step 9" in msg and "last 4 optimiser steps" in msg and str(path) in msg
-    assert "step 5" in msg and "optim.lr" in msg
+    assert "step 5" in msg and "optim.optimizer.lr" in msg
     assert t.global_step == 9 and module.skipped_steps == 4
     assert not list(path.parent.glob(".*tmp*")), "no temporary file left"
     # the file holds the weights as they were after the last good step, and loads safely
@@ -233,12 +235,12 @@ def _near_singular(module: FlowModule, permutation: str) -> str:
     name, _ = mixing_weights(module)[0]
     layer = module.get_submodule(name)
     with torch.no_grad():
-        if permutation == "conv1x1":
-            layer.weight[0].mul_(1e-9)
-        elif permutation == "nxn":
+        if permutation == "nxn":
             layer.conv.log_s[0] = -40.0
-        else:
+        elif hasattr(layer, "log_s"):  # an LU 1×1
             layer.log_s[0] = -40.0
+        else:  # a plain 1×1 weight: Glow's conv1x1, the 1×1 inside Emerging
+            layer.weight[0].mul_(1e-9)
     return name
 
 

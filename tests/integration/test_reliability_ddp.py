@@ -15,13 +15,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from flowlab.lit import FlowModule
+from tests.settings import optim
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 MODEL = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 2,
          "hidden_channels": 8, "permutation": "conv1x1", "n_bits": 8}
-OPTIM = {"optimizer": "adam", "lr": 1e-3, "warmup_steps": 0, "grad_clip": 50.0, "ema_decay": None,
-         "max_consecutive_skips": 20}
+OPTIM = optim(max_consecutive_skips=20)
 BAD_ON_RANK_1 = {2, 3, 5}
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from flowlab.flows import RealNVP
 from flowlab.lit import FlowModule, load_checkpoint, module_from_checkpoint
+from tests.settings import optim
 from tests.unit.test_flows import brute_force_logdet
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
@@ -46,6 +47,7 @@ MODEL = st.one_of(
         "_target_": st.just("flowlab.flows.Glow"), "in_channels": st.integers(1, 3), "image_size": st.just(8),
         "K": st.integers(1, 2), "L": st.integers(1, 3), "hidden_channels": st.integers(2, 8),
         "permutation": st.sampled_from(["nxn", "conv1x1", "conv1x1_lu", "reverse", "shuffle", "emerging"]),
+        "nxn_conv1x1": st.sampled_from(["plain", "lu"]),  # as conf/model/permutation writes it (read for nxn)
         "coupling": st.sampled_from(["affine", "additive"]), "learn_top": st.booleans(),
         "n_bits": st.integers(1, 8)}),
     st.fixed_dictionaries({
@@ -59,9 +61,7 @@ MODEL = st.one_of(
 @given(model=MODEL, ema=st.sampled_from([None, 0.9]), skipped=st.integers(0, 5), seed=st.integers(0, 2**16))
 def test_checkpoint_round_trip_rebuilds_the_same_model(model, ema, skipped, seed, tmp_path_factory):
     torch.manual_seed(seed)
-    optim = {"optimizer": "adam", "lr": 1e-3, "warmup_steps": 0, "grad_clip": 50.0, "ema_decay": ema,
-             "max_consecutive_skips": 20}
-    module = FlowModule(model, optim, eval_seed=seed, seed=seed, data={"name": "random"})
+    module = FlowModule(model, optim(ema_decay=ema, max_consecutive_skips=20), eval_seed=seed, seed=seed, data={"name": "random"})
     x = torch.randint(0, 2 ** model["n_bits"], (4, model["in_channels"], 8, 8), dtype=torch.uint8)
     module.train()
     module._initialize_flow(module.dequantize_train(x))  # ActNorm's data-dependent init, as on the first step

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 
+import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
@@ -38,6 +39,7 @@ def _faults(steps: int) -> dict[int, str]:
     return faults
 
 
+@pytest.mark.slow  # a long run with injected faults
 def test_soak_with_injected_faults(tmp_path, monkeypatch):
     soak(tmp_path, monkeypatch, STEPS)
 
@@ -79,7 +81,7 @@ def soak(tmp_path, monkeypatch, STEPS: int) -> None:
             f"callbacks.samples.every_n_steps={STEPS // 2}", "callbacks.samples.n_samples=4",
             f"callbacks.reconstructions.every_n_steps={STEPS // 2}", "callbacks.reconstructions.n_images=4",
             f"callbacks.invertibility.every_n_steps={every}", "callbacks.invertibility.n_images=4",
-            "optim.warmup_steps=50"]
+            "optim.scheduler.warmup_steps=50"]
     GlobalHydra.instance().clear()
     out, err, code = io.StringIO(), io.StringIO(), 0
     argv, threads = sys.argv[:], torch.get_num_threads()

@@ -75,7 +75,7 @@ def test_each_job_is_its_own_finished_wandb_run_with_images_and_test_bpd(sweep):
         assert run["summary"]["samples"]["captions"] == ["T0.00", "T0.50", "T0.70", "T1.00"]
         assert any(Path(p).name.startswith("reconstructions_") for p in run["images"])
         keys = set().union(*run["history"])
-        assert {"train/bpd", "val/bpd", "train/grad_norm", "train/images_per_s", "sample/images_per_s"} <= keys
+        assert {"train/bpd", "val/bpd", "train/grad_norm", "train/device/samples_per_sec", "sample/images_per_s"} <= keys
         assert run["config"]["config"]["model"]["permutation"] == run["config"]["model"]["permutation"]
         runs[run["config"]["model"]["permutation"]] = run
     assert set(runs) == {"nxn", "conv1x1"}

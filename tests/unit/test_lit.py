@@ -1,5 +1,5 @@
 """Unit tests of flowlab.lit: the bits/dim metric, evaluation noise, EMA, the LightningModule's
-training mechanics (ActNorm init, warm-up, clipping), and safe checkpoint loading."""
+training mechanics (ActNorm init, warm-up, clipping), optimizer configs, and safe checkpoint loading."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flowlab.errors import CheckpointError, ConfigError
 from flowlab.flows import ActNorm
-from flowlab.lit import EMA, BitsPerDim, FlowModule, build_flow, eval_uniform, load_checkpoint, module_from_checkpoint
+from flowlab.lit import EMA, FlowModule, build_flow, eval_uniform, load_checkpoint, module_from_checkpoint
+from tests.settings import optim
 
 TINY = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 2,
-        "hidden_channels": 8, "permutation": "nxn", "n_bits": 8}
-OPTIM = {"optimizer": "adam", "lr": 1e-3, "warmup_steps": 0, "grad_clip": 50.0, "ema_decay": None}
+        "hidden_channels": 8, "permutation": "nxn", "nxn_conv1x1": "plain", "n_bits": 8}
+
+
+OPTIM = optim()
 
 
 def _images(n: int, seed: int = 0, size: int = 8) -> torch.Tensor:
@@ -32,15 +35,13 @@ def _trainer(**kw) -> pl.Trainer:
 
 
 # ---- metric ------------------------------------------------------------------------------------------------
-def test_bits_per_dim_is_the_exact_mean_over_unequal_batches():
+def test_training_bits_per_dim_is_the_exact_mean_over_unequal_batches():
     values = torch.rand(23, dtype=torch.float64) * 5
-    m = BitsPerDim()
+    m = FlowModule(TINY, OPTIM).train_bpd  # torchmetrics' MeanMetric, summing in float64
     for chunk in (values[:1], values[1:8], values[8:]):
         m.update(chunk.float())
     assert m.compute().item() == pytest.approx(values.float().double().mean().item(), abs=1e-12)
-    assert m.count.item() == 23
-    m.reset()
-    assert torch.isnan(m.compute())
+    assert m.weight.item() == 23 and m.mean_value.dtype == torch.float64
 
 
 # ---- evaluation noise -------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def test_actnorm_is_initialised_from_the_first_training_batch_before_the_first_s
     x = _images(16)
     train = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8)
     val = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long), torch.arange(16)), batch_size=8)
-    module = FlowModule(TINY, dict(OPTIM, lr=0.0))  # lr 0: the step leaves the initialisation as it was
+    module = FlowModule(TINY, optim(lr=0.0))  # lr 0: the step leaves the initialisation as it was
     first = next(m for m in module.flow.modules() if isinstance(m, ActNorm))
     calls = []
     original = ActNorm.initialize
@@ -116,7 +117,7 @@ def test_training_lowers_bits_per_dim_with_warmup_clipping_and_ema():
     x = (_images(32) // 64) * 64  # a simple distribution: 4 grey levels
     dl = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=16, shuffle=True)
     test = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long), torch.arange(32)), batch_size=16)
-    module = FlowModule(TINY, dict(OPTIM, lr=5e-3, warmup_steps=5, grad_clip=1.0, ema_decay=0.9))
+    module = FlowModule(TINY, optim(lr=5e-3, warmup_steps=5, grad_clip=1.0, ema_decay=0.9))
     before = _trainer().test(module, test, verbose=False)[0]["test/bpd"]
     trainer = _trainer(max_steps=40)
     trainer.fit(module, dl)
@@ -139,10 +140,38 @@ def test_test_bpd_does_not_depend_on_batch_size():
     assert values[0] == pytest.approx(values[1], abs=1e-6) and values[0] == pytest.approx(values[2], abs=1e-6)
 
 
-def test_unknown_optimizer_is_a_config_error():
-    module = FlowModule(TINY, dict(OPTIM, optimizer="sgd"))
-    with pytest.raises(ConfigError, match="optim.optimizer"):
-        module.configure_optimizers()
+def test_optimizer_and_schedule_come_from_target_configs():
+    module = FlowModule(TINY, optim(lr=2e-3, warmup_steps=4, optimizer={"_target_": "torch.optim.Adamax", "lr": 2e-3,
+                                                                         "betas": [0.8, 0.9], "foreach": True}))
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert type(opt) is torch.optim.Adamax and opt.defaults["betas"] == [0.8, 0.9] and opt.defaults["foreach"]
+    assert sched.get_last_lr()[0] == pytest.approx(2e-3 / 4) and conf["lr_scheduler"]["interval"] == "step"
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(2e-3)
+    assert type(FlowModule(TINY, OPTIM).configure_optimizers()) is torch.optim.Adam  # no schedule: constant lr
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(optimizer={"_target_": "os.system", "command": "true"}), "optim.optimizer._target_='os.system'"),
+    (dict(optimizer={"_target_": "torch.optim.Nope"}), "optim.optimizer._target_='torch.optim.Nope'"),
+    (dict(optimizer="sgd"), "optim.optimizer='sgd'"),
+    (dict(optimizer={"_target_": "torch.optim.Adam", "lr": -1.0}), "lr=-1.0"),  # torch's own check
+    (dict(optimizer={"_target_": "torch.optim.Adamax", "fused": True}), "fused=True"),  # an argument it lacks
+    (dict(optimizer={"_target_": "torch.optim.Adam", "x": {"_target_": "os.system"}}), "optim.optimizer.x._target_"),
+    (dict(scheduler={"_target_": "flowlab.lit.module.LinearWarmup", "warmup_steps": 0}),
+     "optim.scheduler.warmup_steps=0"),
+    (dict(scheduler={"_target_": "builtins.eval"}), "optim.scheduler._target_='builtins.eval'"),
+    (dict(grad_clip=0.0), "optim.grad_clip=0.0"), (dict(ema_decay=1.5), "optim.ema_decay=1.5"),
+    (dict(max_consecutive_skips=0), "optim.max_consecutive_skips=0"),
+    (dict(coupling_dtype="fp8"), "optim.coupling_dtype='fp8'"), (dict(lr=0.1), "optim.lr=0.1"),
+])
+def test_bad_optim_settings_are_refused_when_the_module_is_made(change, named):
+    with pytest.raises(ConfigError) as e:
+        FlowModule(TINY, dict(OPTIM, **change))
+    assert named in str(e.value) and "\n" not in str(e.value)
 
 
 # ---- building models: checkpoints are data, not code -------------------------------------------------------------
@@ -162,7 +191,7 @@ def test_build_flow_refuses_nested_directives():
 def saved_checkpoint(tmp_path_factory):
     x = _images(16)
     dl = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8)
-    module = FlowModule(TINY, dict(OPTIM, ema_decay=0.99), data={"name": "tiny"})
+    module = FlowModule(TINY, optim(warmup_steps=3, ema_decay=0.99), data={"name": "tiny"})
     trainer = _trainer(max_steps=2)
     trainer.fit(module, dl)
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
@@ -182,6 +211,22 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(saved_checkpo
     rebuilt.flow.eval()
     z = [torch.zeros(2, *s) for s in rebuilt.flow.latent_shapes]
     assert torch.isfinite(rebuilt.flow.decode(z)).all()
+    assert type(rebuilt.configure_optimizers()["optimizer"]) is torch.optim.Adam  # the optimizer, from the file alone
+
+
+def test_a_checkpoint_with_the_earlier_optim_settings_still_loads(saved_checkpoint, tmp_path):
+    """Checkpoints written before optim.optimizer/scheduler were _target_ configs name the optimizer by name."""
+    path, module = saved_checkpoint
+    raw = torch.load(path, weights_only=True)
+    raw["hyper_parameters"]["optim"] = {"optimizer": "adamax", "lr": 2e-3, "betas": [0.9, 0.99], "weight_decay": 0.0,
+                                        "warmup_steps": 7, "grad_clip": 50.0, "ema_decay": 0.99, "fused": True}
+    torch.save(raw, tmp_path / "old.ckpt")
+    rebuilt, _, _ = module_from_checkpoint(tmp_path / "old.ckpt")
+    conf = rebuilt.configure_optimizers()
+    assert type(conf["optimizer"]) is torch.optim.Adamax and conf["optimizer"].defaults["lr"] == 2e-3
+    assert conf["optimizer"].defaults["foreach"]
+    assert conf["lr_scheduler"]["scheduler"].get_last_lr()[0] == pytest.approx(2e-3 / 7)
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), rebuilt.state_dict().values()))
 
 
 def test_checkpoint_from_a_run_directory(saved_checkpoint, tmp_path):
@@ -228,7 +273,7 @@ def test_foreign_missing_and_corrupt_checkpoints(tmp_path, saved_checkpoint):
 
 
 def test_fast_path_switches(monkeypatch):
-    """optim.fused picks the fused Adam kernel; optim.coupling_dtype=bfloat16 runs the coupling
+    """optim.optimizer.fused picks the fused Adam kernel; optim.coupling_dtype=bfloat16 runs the coupling
     networks in bfloat16 during training steps only (evaluation stays float32);
     optim.coupling_channels_last lays their activations out channels-last, always."""
     from flowlab.flows.coupling import CouplingNet
@@ -236,7 +281,7 @@ def test_fast_path_switches(monkeypatch):
 
     model = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 2, "L": 1,
              "hidden_channels": 8, "permutation": "nxn", "n_bits": 8}
-    optim = {"optimizer": "adam", "lr": 1e-3, "fused": True, "coupling_dtype": "bfloat16", "warmup_steps": 0,
+    optim = {"optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3, "fused": True}, "coupling_dtype": "bfloat16",
              "coupling_channels_last": True, "ema_decay": 0.99}
     module = FlowModule(model=model, optim=optim)
     opt = module.configure_optimizers()
@@ -248,17 +293,16 @@ def test_fast_path_switches(monkeypatch):
     seen = []
     original = CouplingNet.forward
 
-    def spy(self, x, weights=None):
-        seen.append((self.compute_dtype, None if weights is None else weights[0].dtype))
-        return original(self, x, weights)
+    def spy(self, x, *args, **kwargs):
+        seen.append(self.compute_dtype)
+        return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(CouplingNet, "forward", spy)
     x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     loss = module.training_step((x, torch.zeros(4, dtype=torch.long)), 0)
     assert torch.isfinite(loss)
-    # the training forward, with the level's weights computed together, in bfloat16 (the ActNorm
-    # initialisation pass before it runs in float32)
-    assert seen[-2:] == [(torch.bfloat16, torch.bfloat16)] * 2
+    # the training forward of the two couplings in bfloat16 (the ActNorm initialisation before it: float32)
+    assert seen[-2:] == [torch.bfloat16] * 2 and None in seen[:-2]
     assert all(net.compute_dtype is None for net in module.flow.modules() if isinstance(net, CouplingNet))
     plain = FlowModule(model=model, optim={**optim, "coupling_channels_last": False})
     assert not any(net.channels_last for net in plain.modules() if isinstance(net, CouplingNet))

@@ -1,23 +1,31 @@
-"""Building the pieces of a run from a composed config (shared by train, eval and sample)."""
+"""Building the pieces of a command from its composed config (shared by flowlab-train, -eval and -sample).
+
+Each piece is made once, by its own constructor, which checks its arguments; none of them reads data
+or creates a folder. A constructor's refusal becomes a ConfigError naming the config key, so the
+command line prints it as one ``error: ...`` line.
+"""
 
 from __future__ import annotations
 
-import datetime
+import contextlib
+import logging
 import os
-import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from flowlab.errors import ConfigError, UserError
+from flowlab.errors import ConfigError, UserError, check_int
 
-__all__ = ["container", "instantiate_datamodule", "prepare_data", "instantiate_loggers", "instantiate_callbacks",
-           "instantiate_trainer", "save_run_config", "is_main_process", "check_data_fits_model",
-           "run_dir", "claim_output_dir"]
+__all__ = ["container", "is_main_process", "run_dir", "new_dir", "output_dir", "instantiate", "instantiate_datamodule",
+           "prepare_data", "check_data_fits_model", "instantiate_loggers", "instantiate_callbacks",
+           "instantiate_trainer", "held_back", "show_held"]
 
 
 def container(node: Any) -> Any:
@@ -41,41 +49,49 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def claim_output_dir(folder: Path, earlier_outputs: tuple[str, ...] = ()) -> Path:
-    """A directory no other command has written its outputs into: ``folder`` itself the first time, else
-    the first free ``<folder>-1``, ``<folder>-2``, ... (``flowlab-eval``/``flowlab-sample`` run twice with the
-    same ``run_name``, or started in the same second, never overwrite each other's files).
-
-    A directory is claimed by creating ``.claimed`` in it exclusively (safe between concurrent commands);
-    one holding any of ``earlier_outputs`` (written before claims existed) counts as taken. Only the main
-    process claims; the others (DDP) write nothing and get ``folder``.
-    """
-    if not is_main_process():
-        return folder
+def new_dir(folder: Path) -> Path:
+    """``folder``, or if it exists the first of ``<folder>-1``, ``<folder>-2``, ... that does not, created
+    exclusively: two commands never get the same directory."""
     for n in range(10_000):
         candidate = folder if n == 0 else folder.with_name(f"{folder.name}-{n}")
-        candidate.mkdir(parents=True, exist_ok=True)
-        if any((candidate / name).exists() for name in earlier_outputs):
-            continue
+        candidate.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.close(os.open(candidate / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            candidate.mkdir()
         except FileExistsError:
             continue
         return candidate
     raise UserError(f"{folder}: 10,000 earlier outputs of the same run_name; choose another run_name")
 
 
+def output_dir(result: str) -> Path:
+    """Where ``flowlab-eval``/``-sample`` write ``result``: the run directory (a new one, claimed by the Hydra
+    callback), or a new sibling when a multirun job run again finds an earlier command's ``result`` there."""
+    out = run_dir()
+    return new_dir(out) if (out / result).exists() else out
+
+
+def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with plain containers. A UserError raised by the constructor is passed on; a
+    refused argument (Lightning's MisconfigurationException, a ValueError or TypeError) or an unknown class
+    becomes a ConfigError naming ``key``."""
+    try:
+        return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else is a bug and keeps its traceback
+        cause: BaseException = e
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, (MisconfigurationException, ValueError, TypeError)):
+            raise ConfigError(f"{key}: {cause}") from e
+        if isinstance(e, InstantiationException) and isinstance(cause, ImportError):
+            raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from e
+        raise
+
+
 # ---- data -------------------------------------------------------------------------------------------
 def instantiate_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    try:
-        return hydra.utils.instantiate(cfg.data, _convert_="all")
-    except Exception as e:  # the constructor's ConfigError arrives wrapped in InstantiationException
-        cause = e
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+    return instantiate(cfg.data, "data")
 
 
 def prepare_data(datamodule: pl.LightningDataModule, stages: tuple[str, ...] = ("fit", "test")) -> str:
@@ -110,40 +126,35 @@ def _as_pair(v):
 
 # ---- loggers and callbacks ---------------------------------------------------------------------------------
 def instantiate_loggers(cfg: DictConfig) -> list:
-    """The loggers of ``cfg.logger`` (a dict of named logger configs; ``logger=none`` gives none)."""
+    """The loggers of ``cfg.logger`` (a dict of named logger configs; ``logger=none`` gives none). Loggers
+    create their files only when they first write."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    node = cfg.get("logger")
-    if not node:
-        return []
     loggers = []
-    for name, lcfg in node.items():
+    for name, lcfg in (cfg.get("logger") or {}).items():
         if lcfg is None:
             continue
         lcfg = OmegaConf.to_container(lcfg, resolve=True)
         if "WandbLogger" in str(lcfg.get("_target_", "")):
             _wandb_defaults(lcfg, cfg, HydraConfig.get() if HydraConfig.initialized() else None, RunMode)
         try:
-            loggers.append(hydra.utils.instantiate(lcfg))
+            loggers.append(instantiate(lcfg, f"logger.{name}"))
         except Exception as e:
-            if _missing_module(e, ("tensorboard", "tensorboardX")):
-                raise ConfigError(f"logger={name}: the `tensorboard` package is not installed; "
-                                  "`pip install tensorboard` or choose logger=csv / logger=wandb") from None
-            if _missing_module(e, ("wandb",)):
-                raise ConfigError(f"logger={name}: the `wandb` package is not installed; `pip install wandb` "
-                                  "or choose logger=csv") from None
+            for module, package in (("tensorboard", "tensorboard"), ("tensorboardX", "tensorboard"), ("wandb", "wandb")):
+                if _missing_module(e, module):
+                    raise ConfigError(f"logger={name}: the `{package}` package is not installed; `pip install "
+                                      f"{package}` or choose logger=csv") from None
             raise
     return loggers
 
 
-def _missing_module(e: BaseException, names) -> bool:
-    text = ""
-    cur = e
+def _missing_module(e: BaseException, name: str) -> bool:
+    text, cur = "", e
     while cur is not None:
         text += " " + str(cur)
         cur = cur.__cause__ or cur.__context__
-    return any(n in text for n in names) and ("No module" in text or "not available" in text or "install" in text)
+    return name in text and ("No module" in text or "not available" in text or "install" in text)
 
 
 def _wandb_defaults(lcfg: dict, cfg: DictConfig, hydra_cfg, RunMode) -> None:
@@ -163,66 +174,76 @@ def _wandb_defaults(lcfg: dict, cfg: DictConfig, hydra_cfg, RunMode) -> None:
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    node = cfg.get("callbacks")
-    if not node:
-        return []
     out = []
-    for name, ccfg in node.items():
+    for name, ccfg in (cfg.get("callbacks") or {}).items():
         if ccfg is None:
             continue
         if not isinstance(ccfg, (DictConfig, Mapping)) or "_target_" not in ccfg:
             raise ConfigError(f"callbacks.{name} is not a callback config (it needs a _target_); "
                               f"use callbacks.{name}=null to switch it off")
-        try:
-            out.append(hydra.utils.instantiate(ccfg, _convert_="all"))
-        except Exception as e:
-            cause = e
-            while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__
-            if cause is not None:
-                raise cause from None
-            raise
+        out.append(instantiate(ccfg, f"callbacks.{name}"))
     return out
 
 
+# ---- the trainer -------------------------------------------------------------------------------------------
 def instantiate_trainer(cfg: DictConfig, callbacks: list, loggers: list, **overrides) -> pl.Trainer:
-    from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+    """The Trainer of ``cfg.trainer`` (with ``overrides``). Make it inside :func:`held_back`: Lightning logs and
+    warns while making it, which a command rejected afterwards must not print.
+
+    Lightning accepts ``val_check_interval=0`` and ``max_steps=0`` but cannot run with them, and names the
+    value of ``max_time`` without its key; these are checked here first.
+    """
+    from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, Timer
 
     kwargs = container(cfg.trainer)
     kwargs.update(overrides)
+    if kwargs.get("max_steps", -1) != -1:
+        check_int("trainer.max_steps", kwargs["max_steps"], 1)
+    if isinstance(kwargs.get("val_check_interval"), int):
+        check_int("trainer.val_check_interval", kwargs["val_check_interval"], 1)
+    if kwargs.get("max_time") is not None:
+        try:
+            Timer(duration=kwargs["max_time"])
+        except (MisconfigurationException, TypeError, ValueError) as e:
+            raise ConfigError(f"trainer.max_time={kwargs['max_time']!r} is not allowed: {e}") from None
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         kwargs.setdefault("enable_checkpointing", False)
     if not kwargs.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return hydra.utils.instantiate(kwargs, callbacks=callbacks, logger=loggers if loggers else False, _convert_="all")
+    return instantiate(kwargs, "trainer", callbacks=callbacks, logger=loggers if loggers else False)
 
 
-# ---- the run's record of its config -----------------------------------------------------------------------
-def save_run_config(cfg: DictConfig, out_dir: Path) -> None:
-    """Write ``<run>/.hydra/{config,overrides,hydra}.yaml``, as Hydra would, but only once the command is known
-    to be valid. A run resumed with a different config keeps the earlier files in ``.hydra/previous/<time>/``."""
-    from hydra.core.hydra_config import HydraConfig
+class _Keep(logging.Handler):
+    def __init__(self, held: list):
+        super().__init__()
+        self.held = held
 
-    if not is_main_process():
-        return
-    folder = Path(out_dir) / ".hydra"
-    files = {"config.yaml": OmegaConf.to_yaml(cfg)}
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        files["overrides.yaml"] = OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task)))
-        files["hydra.yaml"] = OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hc)}))
-    folder.mkdir(parents=True, exist_ok=True)
-    changed = [n for n, text in files.items()
-               if (folder / n).is_file() and (folder / n).read_text() != text and n != "hydra.yaml"]
-    if changed:
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-        keep = folder / "previous" / stamp
-        keep.mkdir(parents=True, exist_ok=True)
-        for n in files:
-            if (folder / n).is_file():
-                shutil.copy2(folder / n, keep / n)
-    for n, text in files.items():
-        tmp = folder / f".{n}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / n)
+    def emit(self, record: logging.LogRecord) -> None:
+        self.held.append(record)
 
+
+@contextlib.contextmanager
+def held_back():
+    """``with held_back() as held:`` keeps Lightning's log records and the warnings raised inside the block in
+    ``held``, for :func:`show_held` once the command is accepted (a rejected command prints one line)."""
+    held: list = []
+    loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning_fabric")]
+    saved = [(lg.handlers, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [_Keep(held)], False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield held
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+        held.extend(caught)
+
+
+def show_held(held: list) -> None:
+    """Show what :func:`held_back` kept, now that the command is accepted."""
+    for item in held:
+        if isinstance(item, logging.LogRecord):
+            logging.getLogger(item.name).handle(item)
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)

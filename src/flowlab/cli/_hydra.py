@@ -1,17 +1,17 @@
-"""Running a flowlab command as a Hydra application, with flowlab's handling of user errors.
+"""Running a flowlab command as a Hydra app, so that a rejected command writes nothing and says why in one line.
 
-``run_hydra(task, "train")`` composes ``conf/train.yaml`` with the command-line overrides and
-calls ``task(cfg)``. A mistake a person can make — an unknown config option (``data=nope``), a
-malformed override, a bad value (:class:`flowlab.errors.UserError`) — ends with one line
-``error: <message>`` on stderr and exit status 2, without a traceback. Bugs keep their traceback.
-
-Config checks run in a Hydra callback *before* Hydra creates the run directory, so a rejected
-command leaves no trace and never touches an earlier run.
+The Hydra callback :class:`CheckConfigBeforeRun` (conf/train.yaml) calls the command's ``prepare(cfg)``
+— data, model, callbacks, loggers and trainer built once, then the checkpoint and data read — before
+Hydra creates the run directory and writes ``.hydra/``; the task takes what was built. Every mistake a
+person can make (an unknown option, a malformed override, a :class:`flowlab.errors.UserError`) ends in
+the one ``except`` of :func:`run_hydra`: ``error: <message>`` on stderr, exit status 2. Bugs keep their
+traceback. (Multirun jobs get their directory from Hydra first: a rejected job's is removed again.)
 """
 
 from __future__ import annotations
 
-import functools
+import datetime
+import importlib
 import os
 import shutil
 import sys
@@ -20,59 +20,126 @@ from pathlib import Path
 
 from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from flowlab.errors import UserError
+from flowlab.errors import ConfigError, UserError
 
-__all__ = ["run_hydra", "CheckConfigBeforeRun", "user_error_message", "EXIT_USER_ERROR"]
+__all__ = ["run_hydra", "CheckConfigBeforeRun", "prepared", "user_error_message", "EXIT_USER_ERROR"]
 
 EXIT_USER_ERROR = 2
-# run directories this process found absent before Hydra created them (removed again on a user error),
-# each with the topmost of its folders that did not exist either
-_NEW_RUN_DIRS: dict[str, str] = {}
+#: the commands whose every run gets a new directory (``<run_name>``, else ``<run_name>-1``, ...)
+NEW_DIRECTORY_COMMANDS = ("eval", "sample")
+# what CheckConfigBeforeRun built, by run directory, for the task to take
+_PREPARED: dict[str, object] = {}
 
 
-def _validator(config_name: str | None) -> Callable[[DictConfig], None] | None:
-    from flowlab.cli import validate
+class Rejected(BaseException):
+    """Carries an error out of a Hydra callback (Hydra turns an Exception there into a warning)."""
 
-    return {"train": validate.validate_train_config, "eval": validate.validate_eval_config,
-            "sample": validate.validate_sample_config}.get(config_name or "")
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _prepare(config: DictConfig) -> object:
+    name = str(config.hydra.job.config_name)
+    task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    return importlib.import_module(f"flowlab.cli.{name}").prepare(task_cfg)
+
+
+def prepared(cfg: DictConfig, prepare: Callable[[DictConfig], object]) -> object:
+    """What the callback built for this run, else (a config without the callback) ``prepare(cfg)`` now."""
+    from flowlab.cli._build import run_dir
+
+    found = _PREPARED.pop(os.path.abspath(run_dir()), None)
+    return found if found is not None else prepare(cfg)
+
+
+def _check_run_name(config: DictConfig) -> None:
+    name = config.get("run_name")
+    if not isinstance(name, (str, int)) or str(name).strip() in ("", ".", "..") or "\\" in str(name):
+        raise ConfigError(f"run_name={name!r} is not allowed: give a non-empty name for the run directory")
+
+
+def _set_run_dir(config: DictConfig, folder: Path) -> None:
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.run.dir = str(folder)
+        config.hydra.runtime.output_dir = os.path.abspath(folder)  # as Hydra sets it
+
+
+def _hydra_records(folder: Path) -> dict[Path, bytes]:
+    """The ``.hydra/*.yaml`` files of the run directories in (or at) ``folder``, by absolute path."""
+    folder = Path(os.path.abspath(folder))
+    return {p: p.read_bytes() for p in folder.glob("**/.hydra/*.yaml")} if folder.is_dir() else {}
 
 
 class CheckConfigBeforeRun(Callback):
-    """Hydra callback: validate the composed config before the run directory is created.
+    """Hydra callback: build the command's run (``prepare``) before Hydra creates its directory.
 
-    Hydra turns exceptions raised in callbacks into warnings, so a rejected config ends the
-    program here (``error: ...``, exit 2) instead of raising.
+    The ``.hydra/*.yaml`` files a run directory already holds (an earlier run of the same ``run_name``)
+    are read first: when the new command is accepted and its record differs, the earlier one is kept in
+    ``.hydra/previous/<time>/``; when a multirun job is rejected, they are put back.
     """
 
+    def __init__(self) -> None:
+        self._earlier: dict[Path, bytes] = {}
+
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        check = _validator(kwargs.get("config_name"))
-        if check is None:
-            return
-        try:
-            run_dir = Path(str(config.hydra.run.dir)).absolute()
-            if not run_dir.exists():
-                top = run_dir
-                while not top.parent.exists():
-                    top = top.parent
-                _NEW_RUN_DIRS[str(run_dir)] = str(top)
-        except Exception:  # noqa: BLE001 - an unresolvable run dir is reported by the check below
-            pass
-        try:
-            from hydra.core.hydra_config import HydraConfig
+        from hydra.core.hydra_config import HydraConfig
 
-            HydraConfig.instance().set_config(config)  # ${hydra:runtime.choices...} resolve as in the job
-            check(config)
-        except Exception as e:  # noqa: BLE001 - only user errors end here, bugs are left to the task's own check
-            message = user_error_message(e)
-            if message is None:
-                return
-            print(f"error: {message}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_USER_ERROR) from None
+        from flowlab.cli._build import is_main_process, new_dir
 
-    # A multirun's base config may be incomplete until the sweep values are in; each job checks its own.
+        _PREPARED.clear()
+        try:
+            _check_run_name(config)
+            folder = Path(str(config.hydra.run.dir))
+            _set_run_dir(config, folder)
+            HydraConfig.instance().set_config(config)  # ${hydra:...} resolve as in the job
+            self._earlier = _hydra_records(folder)
+            run = _prepare(config)
+            if str(config.hydra.job.config_name) in NEW_DIRECTORY_COMMANDS and is_main_process():
+                _set_run_dir(config, new_dir(folder))  # accepted: claim a directory no command has written to
+        except Exception as e:  # noqa: BLE001 - reported by run_hydra: a user error in one line, a bug in full
+            raise Rejected(e) from e
+        _PREPARED[str(config.hydra.runtime.output_dir)] = run
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _PREPARED.clear()
+        try:
+            self._earlier = _hydra_records(Path(str(config.hydra.sweep.dir)))
+        except Exception as e:  # noqa: BLE001
+            raise Rejected(e) from e
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        """A multirun job: built here (Hydra has made its directory and written .hydra/); a single run: built
+        in on_run_start. Either way, keep the earlier record of a reused directory."""
+        folder = Path(os.path.abspath(config.hydra.runtime.output_dir))
+        if str(folder) not in _PREPARED:
+            try:
+                _check_run_name(config)
+                _PREPARED[str(folder)] = _prepare(config)
+            except Exception as e:  # noqa: BLE001 - reported by run_hydra
+                self._undo(folder)
+                raise Rejected(e) from e
+        self._keep_earlier(folder)
+
+    def _undo(self, folder: Path) -> None:
+        """Remove a rejected job's directory if Hydra made it for this job, else put back its earlier record."""
+        earlier = {p: b for p, b in self._earlier.items() if p.parent == folder / ".hydra"}
+        if not earlier and folder.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+        for path, content in earlier.items():
+            path.write_bytes(content)
+
+    def _keep_earlier(self, folder: Path) -> None:
+        """Keep the earlier record in ``.hydra/previous/<time>/`` when the config or the overrides changed."""
+        earlier = {p: b for p, b in self._earlier.items() if p.parent == folder / ".hydra"}
+        if any(p.name != "hydra.yaml" and (not p.is_file() or p.read_bytes() != b) for p, b in earlier.items()):
+            keep = folder / ".hydra" / "previous" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+            keep.mkdir(parents=True)
+            for path, content in earlier.items():
+                (keep / path.name).write_bytes(content)
 
 
 def _missing_config_message(e: MissingConfigException) -> str:
@@ -108,44 +175,6 @@ def user_error_message(e: BaseException) -> str | None:
     return None
 
 
-def _remove_if_only_log(run_dir: Path) -> None:
-    """Remove a run directory this command created that holds nothing but Hydra's log file."""
-    top = _NEW_RUN_DIRS.get(str(run_dir))
-    if top is None or not run_dir.is_dir():
-        return
-    if not all(p.is_file() and p.suffix == ".log" for p in run_dir.iterdir()):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    folder = run_dir.parent
-    while str(folder).startswith(top) and folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()  # the empty folders created on the way (outputs/, outputs/runs/)
-        folder = folder.parent
-
-
-def _guarded(task: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
-    """The task, with user errors reported as ``error: ...`` + exit 2 from inside the job (so Hydra adds
-    no report of its own), and the run directory removed again if the job wrote nothing into it."""
-
-    @functools.wraps(task)
-    def job(cfg: DictConfig):
-        try:
-            return task(cfg)
-        except Exception as e:  # noqa: BLE001
-            message = user_error_message(e)
-            if message is None:
-                raise
-            print(f"error: {message}", file=sys.stderr, flush=True)
-            try:
-                from hydra.core.hydra_config import HydraConfig
-
-                _remove_if_only_log(Path(HydraConfig.get().runtime.output_dir).absolute())
-            except Exception:  # noqa: BLE001 - clean-up is best effort
-                pass
-            raise SystemExit(EXIT_USER_ERROR) from None
-
-    return job
-
-
 def run_hydra(task: Callable[[DictConfig], object], config_name: str, argv: list[str] | None = None) -> None:
     """Run ``task`` as a Hydra app on ``conf/<config_name>.yaml``; exit 2 with ``error: ...`` on user errors."""
     import hydra
@@ -157,11 +186,11 @@ def run_hydra(task: Callable[[DictConfig], object], config_name: str, argv: list
     # Hydra re-raises instead of printing its own report, so the handler below sees every error.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(_guarded(task))
-        app()
-    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
-        message = user_error_message(e)
-        if message is None:
-            raise
+        hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(task)()
+    except (Exception, Rejected) as e:  # the one place where errors are reported
+        error = e.error if isinstance(e, Rejected) else e
+        message = user_error_message(error)
+        if message is None:  # a bug: its own traceback
+            raise error from None
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None

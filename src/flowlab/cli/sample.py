@@ -12,59 +12,88 @@ decode(encode(x)), as the paper's Figure 1) into the run directory
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from flowlab.cli._hydra import run_hydra
+from flowlab.errors import check_bool, check_int
 
-__all__ = ["main", "sample"]
+__all__ = ["main", "prepare", "sample", "SampleRun"]
+
+
+@dataclass
+class SampleRun:
+    """Everything ``flowlab-sample`` runs with, built once by :func:`prepare`."""
+
+    module: Any
+    ckpt: dict
+    path: Path
+    temperatures: list[float]
+    n_samples: int
+    nrow: int | None
+    seed: int
+    datamodule: Any  # None when no reconstructions are drawn (then no data is read)
+    n_reconstructions: int
+    device: torch.device
+
+
+def prepare(cfg: DictConfig) -> SampleRun:
+    """Check the settings, load the checkpoint and (for reconstructions) read the data, writing nothing (called
+    by the Hydra callback before the output directory exists)."""
+    from flowlab.cli import _build as build
+    from flowlab.lit.callbacks import check_temperatures
+    from flowlab.lit.checkpoint import module_from_checkpoint
+
+    s = cfg.sample
+    temperatures = check_temperatures(build.container(s.temperatures), "sample.temperatures")
+    n_samples = check_int("sample.n_samples", s.n_samples, 1)
+    nrow = check_int("sample.nrow", s.get("nrow"), 1, allow_none=True)
+    seed = check_int("sample.seed", s.seed)
+    n_rec = check_int("sample.reconstructions", s.get("reconstructions", 0), 0)
+    use_ema = None if s.get("use_ema") is None else check_bool("sample.use_ema", s.use_ema)
+    datamodule = build.instantiate_datamodule(cfg) if n_rec > 0 else None  # config values before the checkpoint
+    module, ckpt, path = module_from_checkpoint(cfg.ckpt_path)
+    if use_ema is not None:
+        module.use_ema = use_ema
+    if datamodule is not None:  # read (and check) the data before drawing anything
+        build.check_data_fits_model(datamodule, ckpt["hyper_parameters"]["model"], f"checkpoint {path}")
+        build.prepare_data(datamodule, ("test",))
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
+    return SampleRun(module, ckpt, path, temperatures, n_samples, nrow, seed, datamodule, n_rec, device)
 
 
 def sample(cfg: DictConfig) -> list[str]:
     from flowlab.cli import _build as build
-    from flowlab.cli.validate import validate_sample_config
-    from flowlab.lit.callbacks import check_temperatures
-    from flowlab.lit.checkpoint import module_from_checkpoint
+    from flowlab.cli._hydra import prepared
     from flowlab.lit.images import image_grid, pair_grid, reconstruct, sample_images, save_grid, temperature_tag
 
-    validate_sample_config(cfg)
-    out_dir = build.run_dir()
-    s = cfg.sample
-    temperatures = check_temperatures(list(s.temperatures), "sample.temperatures")
-    n_rec = int(s.get("reconstructions", 0))
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
-
-    module, ckpt, path = module_from_checkpoint(cfg.ckpt_path)
-    if s.get("use_ema") is not None:
-        module.use_ema = bool(s.use_ema)
-    datamodule = None
-    if n_rec > 0:  # read (and check) the data before drawing anything
-        datamodule = build.instantiate_datamodule(cfg)
-        build.check_data_fits_model(datamodule, ckpt["hyper_parameters"]["model"], f"checkpoint {path}")
-        build.prepare_data(datamodule, ("test",))
-    module.to(device).eval()
+    run = prepared(cfg, prepare)
+    module = run.module
+    module.to(run.device).eval()
     flow = module.eval_flow
-    out_dir = build.claim_output_dir(out_dir, ("samples.json",))  # checks passed: never overwrite earlier samples
+    out_dir = build.output_dir("samples.json")
 
     written = []
-    for t in temperatures:
-        x = sample_images(flow, int(s.n_samples), t, seed=int(s.seed))
-        written.append(str(save_grid(image_grid(x, module.n_bits, nrow=s.get("nrow")),
+    for t in run.temperatures:
+        x = sample_images(flow, run.n_samples, t, seed=run.seed)
+        written.append(str(save_grid(image_grid(x, module.n_bits, nrow=run.nrow),
                                      out_dir / f"samples_{temperature_tag(t)}.png")))
     rec_err = None
-    if datamodule is not None:
-        ds = datamodule.test_dataset
-        n = min(n_rec, len(ds))
-        items = [ds[i] for i in range(n)]
-        x = torch.stack([torch.as_tensor(it[0]) for it in items]).to(device)
-        index = torch.tensor([int(it[2]) for it in items], device=device)
+    if run.datamodule is not None:
+        ds = run.datamodule.test_dataset
+        items = [ds[i] for i in range(min(run.n_reconstructions, len(ds)))]
+        x = torch.stack([torch.as_tensor(it[0]) for it in items]).to(run.device)
+        index = torch.tensor([int(it[2]) for it in items], device=run.device)
         x = module.dequantize_eval(x, index)
         rec, rec_err = reconstruct(flow, x)
         written.append(str(save_grid(pair_grid(x, rec, module.n_bits), out_dir / "reconstructions.png")))
 
-    record = {"checkpoint": str(path), "global_step": int(ckpt.get("global_step", -1)), "temperatures": temperatures,
-              "n_samples": int(s.n_samples), "seed": int(s.seed), "files": written,
+    record = {"checkpoint": str(run.path), "global_step": int(run.ckpt.get("global_step", -1)),
+              "temperatures": run.temperatures, "n_samples": run.n_samples, "seed": run.seed, "files": written,
               "reconstruction_max_abs_error": rec_err}
     (out_dir / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
     for f in written:

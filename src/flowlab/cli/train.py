@@ -20,13 +20,16 @@ import json
 import math
 import signal
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from flowlab.cli._hydra import run_hydra
+from flowlab.errors import check_int
 
-__all__ = ["main", "train"]
+__all__ = ["main", "prepare", "train", "TrainRun"]
 
 
 def _resume_checkpoint(cfg: DictConfig, out_dir: Path, model_hp: dict) -> Path | None:
@@ -58,43 +61,63 @@ def _resume_checkpoint(cfg: DictConfig, out_dir: Path, model_hp: dict) -> Path |
     return path
 
 
-def train(cfg: DictConfig) -> float:
-    """Fit and test; returns the test bits/dim. Also the task function of the Hydra app."""
+@dataclass
+class TrainRun:
+    """Everything ``flowlab-train`` runs with, built once by :func:`prepare`."""
+
+    datamodule: Any
+    module: Any
+    trainer: Any
+    held: list  # Lightning's messages while making the trainer, shown once the command is accepted
+    resume: Path | None
+    data_line: str
+    preemption: Any
+
+
+def prepare(cfg: DictConfig) -> TrainRun:
+    """Build the run and read what it reads, writing nothing: every mistake fails here, before the run directory
+    exists (the Hydra callback :class:`flowlab.cli._hydra.CheckConfigBeforeRun` calls this). Config values first
+    (data, model, callbacks, loggers, trainer: their constructors check them), then the checkpoint to resume
+    from, then the data."""
     import pytorch_lightning as pl
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from flowlab.cli import _build as build
-    from flowlab.cli.validate import validate_train_config
     from flowlab.cluster import check_strategy_for_multirun, cluster_plugins
     from flowlab.lit.checkpoint import AtomicCheckpointIO
     from flowlab.lit.module import FlowModule
     from flowlab.lit.preemption import Preemption
 
-    validate_train_config(cfg)
-    check_strategy_for_multirun(build.container(cfg.trainer), _is_multirun())
-    out_dir = build.run_dir()
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-
-    # Everything a person can get wrong fails here, before a file is written or a step is taken.
-    model_hp = build.container(cfg.model)
+    pl.seed_everything(check_int("seed", cfg.seed, 0, 2**32 - 1), workers=True, verbose=False)
     datamodule = build.instantiate_datamodule(cfg)
-    module = FlowModule(model=model_hp, optim=build.container(cfg.optim), eval_seed=int(cfg.eval.seed),
-                        seed=int(cfg.seed), use_ema=bool(cfg.eval.get("use_ema", True)),
-                        data=build.container(cfg.data))
+    model_hp = build.container(cfg.model)
+    module = FlowModule(model=model_hp, optim=build.container(cfg.optim), eval_seed=cfg.eval.seed, seed=cfg.seed,
+                        use_ema=cfg.eval.get("use_ema", True), data=build.container(cfg.data))
     build.check_data_fits_model(datamodule, model_hp, "this config")
-    resume = _resume_checkpoint(cfg, out_dir, model_hp)
-    data_line = build.prepare_data(datamodule, ("fit", "test"))  # prints "data: <which data>" once
-    callbacks = build.instantiate_callbacks(cfg)
     preemption = Preemption()  # SIGTERM/SIGUSR1: save last.ckpt, then exit; RNG state in checkpoints
-    callbacks.append(preemption)
-
-    build.save_run_config(cfg, out_dir)
+    callbacks = [*build.instantiate_callbacks(cfg), preemption]
     loggers = build.instantiate_loggers(cfg)
-    plugins = list(build.container(cfg.trainer.get("plugins")) or [])
-    trainer = build.instantiate_trainer(cfg, callbacks, loggers,
-                                        plugins=[AtomicCheckpointIO(), *cluster_plugins(), *plugins])
-    if resume is not None and trainer.is_global_zero:
-        print(f"Resuming from {resume}", flush=True)
+    with build.held_back() as held:  # Lightning's messages (SLURM detection, devices) wait until the end
+        check_strategy_for_multirun(build.container(cfg.trainer), _is_multirun())
+        plugins = [AtomicCheckpointIO(), *cluster_plugins(), *(build.container(cfg.trainer.get("plugins")) or [])]
+        trainer = build.instantiate_trainer(cfg, callbacks, loggers, plugins=plugins)
+    resume = _resume_checkpoint(cfg, build.run_dir(), model_hp)
+    data_line = build.prepare_data(datamodule, ("fit", "test"))  # prints "data: <which data>" once
+    return TrainRun(datamodule, module, trainer, held, resume, data_line, preemption)
+
+
+def train(cfg: DictConfig) -> float:
+    """Fit and test; returns the test bits/dim. The task function of the Hydra app."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from flowlab.cli import _build as build
+    from flowlab.cli._hydra import prepared
+
+    run = prepared(cfg, prepare)
+    trainer, module, datamodule = run.trainer, run.module, run.datamodule
+    out_dir = build.run_dir()
+    build.show_held(run.held)
+    if run.resume is not None and trainer.is_global_zero:
+        print(f"Resuming from {run.resume}", flush=True)
     params = module.num_params
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": build.container(cfg), "params": params})
@@ -103,7 +126,8 @@ def train(cfg: DictConfig) -> float:
     # val/test repeats that DistributedSampler pads in are dropped by image index (KeyedBitsPerDim)
     warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.resume) if run.resume else None,
+                    weights_only=True)
         test_ckpt = _checkpoint_to_test(trainer)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True, verbose=False)
         bpd = float(results[0]["test/bpd"]) if results else math.nan
@@ -111,12 +135,12 @@ def train(cfg: DictConfig) -> float:
     except BaseException as e:
         _finish_wandb(trainer, None, None, exit_code=1)
         if isinstance(e, SIGTERMException):  # last.ckpt was saved (Preemption); a scheduler may requeue us
-            raise SystemExit(128 + int(preemption.signal_received or signal.SIGTERM)) from None
+            raise SystemExit(128 + int(run.preemption.signal_received or signal.SIGTERM)) from None
         raise
 
     if trainer.is_global_zero:
         record = {"test/bpd": bpd, "checkpoint": test_ckpt, "global_step": int(trainer.global_step),
-                  "params": params, "run_dir": str(out_dir), "data": data_line}
+                  "params": params, "run_dir": str(out_dir), "data": run.data_line}
         (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         if sync_hint:
             print(sync_hint, flush=True)

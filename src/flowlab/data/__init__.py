@@ -16,7 +16,7 @@ from flowlab.data.cifar import CIFAR10DataModule
 from flowlab.data.datasets import ImageFileDataset, TensorImageDataset
 from flowlab.data.imagenet import ImageNetDownsampledDataModule
 from flowlab.data.mnist import FashionMNISTDataModule, MNISTDataModule
-from flowlab.data.transforms import check_n_bits, dequantize, postprocess, preprocess, reduce_bits
+from flowlab.data.transforms import dequantize, postprocess, preprocess, reduce_bits
 
 DATAMODULES: dict[str, type[FlowDataModule]] = {
     "cifar10": CIFAR10DataModule,
@@ -41,7 +41,6 @@ __all__ = [
     "CelebAHQDataModule",
     "MNISTDataModule",
     "FashionMNISTDataModule",
-    "check_n_bits",
     "reduce_bits",
     "preprocess",
     "dequantize",

@@ -24,10 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from flowlab.data.datasets import ImageFileDataset, TensorImageDataset
-from flowlab.data.transforms import check_n_bits
-from flowlab.errors import ConfigError, DataError
+from flowlab.errors import ConfigError, DataError, check_bool, check_int
 
-__all__ = ["FlowDataModule", "TensorSource", "FileSource", "check_bool"]
+__all__ = ["FlowDataModule", "TensorSource", "FileSource"]
 
 
 @dataclass
@@ -56,15 +55,6 @@ class FileSource:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_bool(key: str, v) -> None:
-    if not isinstance(v, bool):
-        raise ConfigError(f"data.{key}={v!r} is not allowed: it must be true or false")
 
 
 class FlowDataModule(pl.LightningDataModule):
@@ -106,27 +96,20 @@ class FlowDataModule(pl.LightningDataModule):
             raise ConfigError("data.root is empty: set it to the folder holding the dataset "
                               "(by default ${paths.data_dir}/<dataset>)")
         self.root = Path(str(root)).expanduser().absolute()  # messages name the full path
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size!r} is not allowed: it must be a positive integer")
-        if not _is_int(num_workers) or num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers!r} is not allowed: it must be an integer >= 0")
-        self.n_bits = check_n_bits(n_bits, key="data.n_bits")
-        if _is_int(val_size):
-            if val_size < 0:
-                raise ConfigError(f"data.val_size={val_size!r} is not allowed: a count must be >= 0")
-        elif isinstance(val_size, float):
+        check_int("data.batch_size", batch_size, 1)
+        check_int("data.num_workers", num_workers, 0)
+        self.n_bits = check_int("data.n_bits", n_bits, 1, 8)
+        if isinstance(val_size, float):
             if not 0.0 <= val_size < 1.0:
                 raise ConfigError(f"data.val_size={val_size!r} is not allowed: a fraction must lie in [0, 1)")
-        else:
-            raise ConfigError(f"data.val_size={val_size!r} is not allowed: give a count of images (int) "
+        elif not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 0:
+            raise ConfigError(f"data.val_size={val_size!r} is not allowed: give a count of images ≥ 0 (int) "
                               "or a fraction of the training images in [0, 1) (float)")
-        for key, v in (("pin_memory", pin_memory), ("hflip", hflip)):
-            check_bool(key, v)
-        if not _is_int(seed):
-            raise ConfigError(f"data.seed={seed!r} is not allowed: it must be an integer")
-        for key, v in (("image_size", image_size), ("channels", channels)):
-            if v is not None and (not _is_int(v) or v < 1):
-                raise ConfigError(f"data.{key}={v!r} is not allowed: it must be a positive integer or null")
+        check_bool("data.pin_memory", pin_memory)
+        check_bool("data.hflip", hflip)
+        check_int("data.seed", seed)
+        check_int("data.image_size", image_size, 1, allow_none=True)
+        check_int("data.channels", channels, 1, allow_none=True)
         if channels is not None and self.native_channels is not None and channels != self.native_channels:
             raise ConfigError(f"data.channels={channels} does not match {self.name}, whose images have "
                               f"{self.native_channels} channel(s); set data.channels={self.native_channels}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowlab.data.base import FileSource, FlowDataModule, check_bool
+from flowlab.data.base import FileSource, FlowDataModule
 from flowlab.data.files import IMAGE_EXTENSIONS, check_images, find_images
-from flowlab.errors import DataError
+from flowlab.errors import DataError, check_bool
 
 __all__ = ["CelebAHQDataModule", "celebahq_split"]
 
@@ -44,7 +44,7 @@ class CelebAHQDataModule(FlowDataModule):
         super().__init__(root, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          n_bits=n_bits, hflip=hflip, val_size=val_size, seed=seed, image_size=image_size,
                          channels=channels)
-        check_bool("skip_corrupt", skip_corrupt)
+        check_bool("data.skip_corrupt", skip_corrupt)
         self.skip_corrupt = skip_corrupt
         self._parts: tuple[list[Path], list[Path]] | None = None
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowlab.data.base import FlowDataModule, TensorSource, check_bool
-from flowlab.errors import DataError
+from flowlab.data.base import FlowDataModule, TensorSource
+from flowlab.errors import DataError, check_bool
 
 __all__ = ["CIFAR10DataModule", "read_cifar_batch"]
 
@@ -85,7 +85,7 @@ class CIFAR10DataModule(FlowDataModule):
         super().__init__(root, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          n_bits=n_bits, hflip=hflip, val_size=val_size, seed=seed, image_size=image_size,
                          channels=channels)
-        check_bool("download", download)
+        check_bool("data.download", download)
         self.download = download
 
     @property

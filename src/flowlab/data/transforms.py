@@ -17,22 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from flowlab.errors import ConfigError
+from flowlab.errors import check_int
 
-__all__ = ["check_n_bits", "reduce_bits", "preprocess", "dequantize", "postprocess"]
-
-
-def check_n_bits(n_bits, key: str = "data.n_bits") -> int:
-    """Return ``n_bits`` as an int, or raise ConfigError naming ``key`` unless it is an integer in 1..8."""
-    if isinstance(n_bits, bool) or not isinstance(n_bits, int) or not 1 <= n_bits <= 8:
-        raise ConfigError(f"{key}={n_bits!r} is not allowed: it must be an integer from 1 to 8 "
-                          "(8 keeps the full 8-bit images, 5 is the paper's CelebA-HQ setting)")
-    return int(n_bits)
+__all__ = ["reduce_bits", "preprocess", "dequantize", "postprocess"]
 
 
 def reduce_bits(x: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Drop the low ``8 - n_bits`` bits of a uint8 image: values in 0..2**n_bits-1, still uint8."""
-    n_bits = check_n_bits(n_bits, key="n_bits")
+    n_bits = check_int("n_bits", n_bits, 1, 8)
     if x.dtype != torch.uint8:
         raise TypeError(f"reduce_bits expects a uint8 tensor, got {x.dtype}")
     if n_bits == 8:
@@ -42,13 +34,13 @@ def reduce_bits(x: torch.Tensor, n_bits: int) -> torch.Tensor:
 
 def preprocess(x: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Map reduced integers 0..2**n_bits-1 to float32 ``x / 2**n_bits - 0.5`` in [-0.5, 0.5)."""
-    n_bits = check_n_bits(n_bits, key="n_bits")
+    n_bits = check_int("n_bits", n_bits, 1, 8)
     return x.to(torch.float32) / float(2 ** n_bits) - 0.5
 
 
 def dequantize(x: torch.Tensor, n_bits: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Add one bin of uniform noise ``U[0, 1/2**n_bits)`` to a preprocessed image."""
-    n_bits = check_n_bits(n_bits, key="n_bits")
+    n_bits = check_int("n_bits", n_bits, 1, 8)
     noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     return x + noise / float(2 ** n_bits)
 
@@ -59,7 +51,7 @@ def postprocess(x: torch.Tensor, n_bits: int) -> torch.Tensor:
     Inverse of ``preprocess`` up to the bin width: ``postprocess(preprocess(reduce_bits(x, b), b), b)``
     equals ``x`` with its low ``8 - b`` bits cleared. Values outside the range are clamped; NaN shows as 0 (black).
     """
-    n_bits = check_n_bits(n_bits, key="n_bits")
+    n_bits = check_int("n_bits", n_bits, 1, 8)
     n_bins = 2 ** n_bits
     x = torch.nan_to_num(x.detach().to(torch.float32), nan=-0.5)
     bins = torch.floor((x + 0.5) * n_bins).clamp_(0, n_bins - 1)

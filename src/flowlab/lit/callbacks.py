@@ -1,8 +1,9 @@
 """Training callbacks: periodic checkpoints that always include the final step, sample grids at
-fixed temperatures, and reconstruction grids (inputs beside decode(encode(x))).
+fixed temperatures, reconstruction grids (inputs beside decode(encode(x))) and the sampling speed.
 
 Images go to PNG files in the run directory and to the loggers that take images (W&B,
-TensorBoard); only the global-zero process draws and writes them.
+TensorBoard); only the global-zero process draws and writes them. Training speed is Lightning's
+``ThroughputMonitor`` (:func:`throughput_monitor`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
 
-from flowlab.errors import ConfigError
-from flowlab.lit.images import fixed_images, image_grid, log_grid, pair_grid, reconstruct, sample_images, save_grid, temperature_tag
+from flowlab.errors import ConfigError, check_int
+from flowlab.lit.images import (
+    fixed_images,
+    image_grid,
+    log_grid,
+    pair_grid,
+    reconstruct,
+    sample_images,
+    save_grid,
+    temperature_tag,
+)
 
-__all__ = ["StepCheckpoint", "SampleGrid", "ReconstructionGrid", "Throughput", "check_temperatures"]
+__all__ = ["StepCheckpoint", "SampleGrid", "ReconstructionGrid", "SampleSpeed", "throughput_monitor",
+           "check_temperatures"]
 
 
 def check_temperatures(temperatures, key: str) -> list[float]:
@@ -35,13 +46,6 @@ def check_temperatures(temperatures, key: str) -> list[float]:
     return out
 
 
-def _positive_int(value, key: str, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer ≥ {low}")
-    return value
-
-
 class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that also saves the state the training ended in.
 
@@ -49,6 +53,10 @@ class StepCheckpoint(ModelCheckpoint):
     is not a multiple of it the final weights would otherwise exist nowhere. Keeps ``last.ckpt``
     current as well.
     """
+
+    def __init__(self, every_n_train_steps: int, **kwargs):
+        check_int("callbacks.checkpoint.every_n_train_steps", every_n_train_steps, 1)
+        super().__init__(every_n_train_steps=every_n_train_steps, **kwargs)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (not trainer.fast_dev_run and trainer.global_step > 0
@@ -64,7 +72,7 @@ class _EveryNSteps(Callback):
 
     def __init__(self, out_dir: str | Path, every_n_steps: int):
         self.out_dir = Path(out_dir)
-        self.every_n_steps = _positive_int(every_n_steps, f"callbacks.{self.config_key}.every_n_steps")
+        self.every_n_steps = check_int(f"callbacks.{self.config_key}.every_n_steps", every_n_steps, 1)
         self._last_step = -1
 
     config_key = ""
@@ -102,7 +110,7 @@ class SampleGrid(_EveryNSteps):
                  n_samples: int = 64, seed: int = 0):
         super().__init__(out_dir, every_n_steps)
         self.temperatures = check_temperatures(list(temperatures), "callbacks.samples.temperatures")
-        self.n_samples = _positive_int(n_samples, "callbacks.samples.n_samples")
+        self.n_samples = check_int("callbacks.samples.n_samples", n_samples, 1)
         self.seed = int(seed)
 
     def _draw(self, trainer, pl_module, step: int) -> None:
@@ -127,7 +135,7 @@ class ReconstructionGrid(_EveryNSteps):
 
     def __init__(self, out_dir: str | Path, every_n_steps: int = 1000, n_images: int = 32):
         super().__init__(out_dir, every_n_steps)
-        self.n_images = _positive_int(n_images, "callbacks.reconstructions.n_images")
+        self.n_images = check_int("callbacks.reconstructions.n_images", n_images, 1)
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _draw(self, trainer, pl_module, step: int) -> None:
@@ -146,38 +154,26 @@ class ReconstructionGrid(_EveryNSteps):
             logger.log_metrics({"val/recon_error": err}, step=step)
 
 
-class Throughput(Callback):
-    """Speed, measured where it happens: ``train/images_per_s`` (images per second of training steps,
-    forward + backward + optimiser, averaged over the last ``window`` steps; the ActNorm-initialising
-    first step is left out) and, once at the end of training, ``sample/images_per_s`` (``n_samples``
-    drawn at temperature 1 by the evaluation weights, after one warm-up draw).
+def _images_in(batch) -> int:
+    return int(batch[0].shape[0])
+
+
+def throughput_monitor(window_size: int) -> ThroughputMonitor:
+    """Lightning's ``ThroughputMonitor`` counting images: ``train/device/samples_per_sec`` (per process) and, under
+    DDP, ``train/samples_per_sec`` (all processes), averaged over the last ``window_size`` training steps and
+    logged once that many have run (Lightning asserts ``window_size`` ≥ 2 only when training starts)."""
+    return ThroughputMonitor(batch_size_fn=_images_in,
+                             window_size=check_int("callbacks.throughput.window_size", window_size, 2))
+
+
+class SampleSpeed(Callback):
+    """``sample/images_per_s``, once at the end of training: ``n_samples`` drawn at temperature 1 by the
+    evaluation weights, after one warm-up draw. (Lightning's ``ThroughputMonitor`` times its own loops;
+    sampling happens outside them.)
     """
 
-    def __init__(self, window: int = 50, n_samples: int = 64):
-        self.window = _positive_int(window, "callbacks.throughput.window")
-        self.n_samples = _positive_int(n_samples, "callbacks.throughput.n_samples")
-        self._t0: float | None = None
-        self._times: list[tuple[int, float]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        import time
-
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        import time
-
-        if self._t0 is None:
-            return
-        elapsed = time.perf_counter() - self._t0
-        self._t0 = None
-        if trainer.global_step <= 1:  # the first step also initialises ActNorm
-            return
-        self._times.append((int(batch[0].shape[0]) * int(trainer.world_size), elapsed))
-        self._times = self._times[-self.window:]
-        n, t = sum(b for b, _ in self._times), sum(s for _, s in self._times)
-        if t > 0:
-            pl_module.log("train/images_per_s", n / t, on_step=True, on_epoch=False, rank_zero_only=True)
+    def __init__(self, n_samples: int = 64):
+        self.n_samples = check_int("callbacks.sample_speed.n_samples", n_samples, 1)
 
     def on_train_end(self, trainer, pl_module) -> None:
         import time

@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from flowlab.errors import check_number
+
 __all__ = ["EMA"]
 
 
@@ -22,11 +24,9 @@ class EMA(nn.Module):
     is not dominated by the initial weights early in training.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, key: str = "decay"):
         super().__init__()
-        if not 0.0 < float(decay) < 1.0:
-            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
-        self.decay = float(decay)
+        self.decay = check_number(key, decay, 0.0, 1.0, low_open=True, high_open=True)
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
         self.module.eval()
@@ -37,7 +37,7 @@ class EMA(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._n = int(self.num_updates)
 
-    def train(self, mode: bool = True) -> "EMA":  # the copy always stays in eval mode
+    def train(self, mode: bool = True) -> EMA:  # the copy always stays in eval mode
         super().train(mode)
         self.module.eval()
         return self

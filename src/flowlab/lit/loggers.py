@@ -1,4 +1,4 @@
-"""A CSV logger that never deletes earlier metrics.
+"""A CSV logger that never deletes earlier metrics, and the W&B table that ends a sweep.
 
 Lightning's CSVLogger removes an existing ``metrics.csv`` when it starts, so resuming a run in
 its own directory would erase the metrics of the steps before the interruption. This one appends
@@ -10,11 +10,15 @@ from __future__ import annotations
 import csv
 import os
 
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger as _LightningCSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
-from lightning_fabric.loggers.logger import rank_zero_experiment
 
 __all__ = ["CSVLogger", "WandbSweepTable"]
+
+#: training images/s, by the first of these a run logged: Lightning's ThroughputMonitor over all processes (DDP),
+#: per process (one process: the same), and the name runs logged before flowlab used ThroughputMonitor
+TRAIN_SPEED_KEYS = ("train/samples_per_sec", "train/device/samples_per_sec", "train/images_per_s")
 
 
 class _AppendingExperimentWriter(ExperimentWriter):
@@ -67,8 +71,9 @@ def _sweep_rows(sweep_dir) -> list[dict]:
         if (job / "metrics.csv").is_file():
             with open(job / "metrics.csv", newline="") as f:
                 for r in csv.DictReader(f):
-                    if r.get("train/images_per_s"):
-                        train_ips.append(float(r["train/images_per_s"]))
+                    speed = next((r[k] for k in TRAIN_SPEED_KEYS if r.get(k)), None)
+                    if speed:
+                        train_ips.append(float(speed))
                     if r.get("sample/images_per_s"):
                         sample_ips = float(r["sample/images_per_s"])
         wandb_runs = sorted((job / "wandb").glob("*run-*")) if (job / "wandb").is_dir() else []

@@ -1,14 +1,11 @@
-"""Bits per dimension as torchmetrics Metrics: exact means over every image seen.
+"""Bits per dimension of validation and test sets: every image counted exactly once, also under DDP.
 
-:class:`BitsPerDim` (training): the state is the sum of per-image bits/dim (float64) and the number of
-images; both are summed over processes under DDP, so the value is the mean over all images however
-they were split into batches and processes (batches of unequal size are weighted correctly).
-
-:class:`KeyedBitsPerDim` (validation and test): every value comes with a key (the image's dataset
-index and the dequantisation draw) and each key counts once. Under DDP, Lightning's
-``DistributedSampler`` pads the last round of a validation/test set with repeats of the first images
-so all processes get the same number; those repeats carry the same key (and, as evaluation noise is
-keyed by index, the same value) and are dropped, so the result equals the single-process value.
+:class:`KeyedBitsPerDim`: every value comes with a key (the image's dataset index and the
+dequantisation draw) and each key counts once. Under DDP, Lightning's ``DistributedSampler`` pads
+the last round of a validation/test set with repeats of the first images so all processes get the
+same number; those repeats carry the same key (and, as evaluation noise is keyed by index, the same
+value) and are dropped, so the result equals the single-process value. Training bits/dim is a plain
+``torchmetrics.MeanMetric`` (see :class:`flowlab.lit.module.FlowModule`).
 """
 
 from __future__ import annotations
@@ -16,28 +13,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-__all__ = ["BitsPerDim", "KeyedBitsPerDim"]
-
-
-class BitsPerDim(Metric):
-    """Mean of per-image bits/dim; ``update(bpd)`` takes a ``[B]`` tensor."""
-
-    full_state_update = False
-    higher_is_better = False
-    is_differentiable = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, bpd: torch.Tensor) -> None:
-        bpd = bpd.detach().reshape(-1)
-        self.total += bpd.to(torch.float64).sum()
-        self.count += bpd.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count  # NaN when nothing was seen (0 / 0)
+__all__ = ["KeyedBitsPerDim"]
 
 
 class KeyedBitsPerDim(Metric):

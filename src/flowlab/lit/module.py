@@ -1,21 +1,16 @@
 """The LightningModule: trains any flow with flowlab's contract by maximum likelihood.
 
-The flow (``flowlab.flows.Glow`` or any class with the same contract: ``bits_per_dim``, ``encode``,
-``decode``, ``sample``, an ``n_bits`` attribute and optionally ``initialize``) is built from a
-plain-dict config holding its ``_target_``. Every constructor argument of this module is a plain
-container, saved in the checkpoint, so ``FlowModule.from_checkpoint`` rebuilds the model from the
-checkpoint alone and the checkpoint loads with ``torch.load(weights_only=True)``.
-
-Batches are ``(x, y, index)`` (see :mod:`flowlab.data`): ``x`` integer images already reduced to
-``n_bits``, ``index`` each image's position in its split. Training uses ``x`` only and adds fresh
-uniform noise every step from a generator seeded by (seed, process rank, starting step), so DDP
-processes use different noise. Validation and test noise is a fixed function of (eval seed, image
-index, draw) — see :mod:`flowlab.lit.noise` — and each (index, draw) counts once, so their bits/dim
-depends neither on batching nor on DDP's padded repeats; a batch without ``index`` is a ValueError.
+The flow, the optimizer and the learning-rate schedule come from plain-dict ``_target_`` configs,
+saved in the checkpoint: ``FlowModule.from_checkpoint`` rebuilds it from the file alone, which loads
+with ``torch.load(weights_only=True)``, and each ``_target_`` must name a class of an allowed package
+(checkpoints are data, not code). The constructor checks every argument. Batches are
+``(x, y, index)``: training adds fresh noise per step and process; validation/test noise is a fixed
+function of (eval seed, image index, draw) and every image counts once, whatever the batching or DDP.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Mapping
@@ -24,22 +19,24 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from flowlab.data.transforms import preprocess
-from flowlab.errors import ConfigError
+from flowlab.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from flowlab.flows.precision import fast_coupling_dtype
 from flowlab.lit.ema import EMA
-from flowlab.lit.metrics import BitsPerDim, KeyedBitsPerDim
+from flowlab.lit.metrics import KeyedBitsPerDim
 from flowlab.lit.noise import eval_uniform
 
-__all__ = ["FlowModule", "build_flow", "OPTIMIZERS", "ALLOWED_MODEL_PACKAGES"]
+__all__ = ["FlowModule", "LinearWarmup", "build_flow", "ALLOWED_MODEL_PACKAGES"]
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
-COUPLING_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
-#: ``_target_`` of a model config must name a class in one of these packages (checkpoints are data, not code)
+#: the packages whose classes a ``_target_`` may name, per config (checkpoints are data, not code)
 ALLOWED_MODEL_PACKAGES = ("flowlab.flows",)
+ALLOWED_OPTIMIZER_PACKAGES = ("torch.optim",)
+ALLOWED_SCHEDULER_PACKAGES = ("torch.optim.lr_scheduler", "flowlab.lit.module")
+OPTIM_KEYS = ("optimizer", "scheduler", "grad_clip", "ema_decay", "max_consecutive_skips", "coupling_dtype",
+              "coupling_channels_last")
 _MAX_DRAWS = 2**20  # evaluation metric key = image index * _MAX_DRAWS + draw
-_OPTIM_DEFAULTS_KEYS = ("optimizer", "lr", "betas", "weight_decay", "warmup_steps", "grad_clip", "ema_decay")
 
 
 def _plain(obj: Any) -> Any:
@@ -60,43 +57,92 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"not a plain config value: {obj!r} ({type(obj).__name__})")
 
 
+def _config_class(cfg: Any, key: str, packages: tuple[str, ...], base: type, example: str,
+                  partial: bool = False) -> tuple[type, dict]:
+    """``(class, arguments)`` of a ``{"_target_": ..., **arguments}`` config whose class is a ``base`` of one of
+    ``packages`` (``_partial_`` allowed when ``partial``); ConfigError otherwise, and for any other Hydra
+    directive among the arguments."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"{key}={cfg!r} is not allowed: give a config with a _target_, e.g. {example}")
+    cfg = _plain(cfg)
+    target = cfg.pop("_target_", None)
+    if partial:
+        cfg.pop("_partial_", None)
+    module_name, _, cls_name = target.rpartition(".") if isinstance(target, str) else ("", "", "")
+    if module_name not in packages:
+        raise ConfigError(f"{key}._target_={target!r} is not allowed: name a class of {' or '.join(packages)}, "
+                          f"e.g. {example}")
+
+    def reject_directives(value, where):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k.startswith("_") and k.endswith("_"):
+                    raise ConfigError(f"{where}.{k} is not allowed: a config here holds _target_ and the class's "
+                                      "arguments")
+                reject_directives(v, f"{where}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                reject_directives(v, f"{where}[{i}]")
+
+    reject_directives(cfg, key)
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{key}._target_={target!r} is not a {base.__name__} class of {module_name}")
+    return cls, cfg
+
+
+def _call(key: str, cls: type, kwargs: dict, *args):
+    """``cls(*args, **kwargs)``; the class's refusal of an argument (TypeError, ValueError) as a ConfigError."""
+    try:
+        return cls(*args, **kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ConfigError(f"{key}: {cls.__name__}({shown}) is not allowed: {e}") from e
+
+
 def build_flow(model_cfg: Mapping) -> nn.Module:
     """Instantiate a flow from ``{"_target_": "flowlab.flows.Glow", **kwargs}``.
 
     Only classes of :data:`ALLOWED_MODEL_PACKAGES` may be named and no argument may itself be a
     ``_target_``: a config (or a checkpoint's hyper-parameters) can choose a model, never run code.
     """
-    cfg = _plain(model_cfg)
-    target = cfg.pop("_target_", None)
-    if not isinstance(target, str) or "." not in target:
-        raise ConfigError(f"model._target_={target!r} is not allowed: name a flow class, e.g. flowlab.flows.Glow")
-    module_name, _, cls_name = target.rpartition(".")
-    if module_name not in ALLOWED_MODEL_PACKAGES:
-        raise ConfigError(f"model._target_={target!r} is not allowed: the model must be a class of "
-                          f"{' or '.join(ALLOWED_MODEL_PACKAGES)}")
+    cls, kwargs = _config_class(model_cfg, "model", ALLOWED_MODEL_PACKAGES, nn.Module, "flowlab.flows.Glow")
+    return _call("model", cls, kwargs)
 
-    def _reject_nested(value, key):
-        if isinstance(value, dict):
-            if any(k.startswith("_") and k.endswith("_") for k in value):
-                raise ConfigError(f"model.{key} is not allowed to hold a Hydra directive ({sorted(value)})")
-            for k, v in value.items():
-                _reject_nested(v, f"{key}.{k}")
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                _reject_nested(v, f"{key}[{i}]")
 
-    for k, v in cfg.items():
-        if k.startswith("_") and k.endswith("_"):
-            raise ConfigError(f"model.{k} is not allowed: a model config holds _target_ and the class's arguments")
-        _reject_nested(v, k)
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ConfigError(f"model._target_={target!r} is not a flow class in {module_name}")
-    try:
-        return cls(**cfg)
-    except TypeError as e:  # an unknown or missing argument name
-        raise ConfigError(f"model: {target} does not accept these arguments ({e}); "
-                          f"check the keys under model: {sorted(cfg)}") from e
+def _partial(cfg: Any, key: str, packages: tuple[str, ...], base: type, example: str):
+    """The optimizer or scheduler class a config names, as a partial (``_partial_: true`` is implied): the
+    parameters, or the optimizer, are given when it is made."""
+    return functools.partial(_call, key, *_config_class(cfg, key, packages, base, example, partial=True))
+
+
+class LinearWarmup(torch.optim.lr_scheduler.LambdaLR):
+    """Linear learning-rate warm-up, stepped every optimiser step: ``lr · min(1, (step + 1) / warmup_steps)``,
+    from ``lr / warmup_steps`` at the first step to ``lr`` from step ``warmup_steps − 1`` on (openai/glow's)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int):
+        check_int("optim.scheduler.warmup_steps", warmup_steps, 1)
+        super().__init__(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+
+
+def _optim_of_old_checkpoints(optim: dict) -> dict:
+    """``optim`` as saved before the optimizer and schedule were ``_target_`` configs (``optimizer: adam``,
+    ``lr``, ``betas``, ``weight_decay``, ``fused``, ``warmup_steps``), in today's form."""
+    o = dict(optim)
+    name = str(o.pop("optimizer")).lower()
+    new = {"_target_": {"adam": "torch.optim.Adam", "adamax": "torch.optim.Adamax"}.get(name, name), "_partial_": True,
+           "lr": o.pop("lr", 1e-3)}
+    for k in ("betas", "weight_decay"):
+        if o.get(k) is not None:
+            new[k] = o[k]
+        o.pop(k, None)
+    if o.pop("fused", False):
+        new["fused" if name == "adam" else "foreach"] = True
+    warmup = int(o.pop("warmup_steps", 0) or 0)
+    return {**o, "optimizer": new, "scheduler": {"_target_": "flowlab.lit.module.LinearWarmup", "_partial_": True,
+                                                 "warmup_steps": warmup} if warmup > 0 else None}
 
 
 class FlowModule(pl.LightningModule):
@@ -104,10 +150,11 @@ class FlowModule(pl.LightningModule):
 
     Args:
         model: the flow's config (``_target_`` + constructor arguments), a plain dict.
-        optim: ``optimizer`` (adam | adamax), ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``
-            (linear warm-up), ``grad_clip`` (max global gradient norm or None), ``ema_decay`` (None: off),
-            ``max_consecutive_skips`` (stop after this many non-finite steps in a row; None/absent: never),
-            ``fused`` (fused Adam kernels), ``coupling_dtype`` (auto | bfloat16 | float32: the coupling
+        optim: ``optimizer`` (``{"_target_": "torch.optim.Adam", "lr": ..., ...}``, a class of torch.optim),
+            ``scheduler`` (a class of torch.optim.lr_scheduler or :class:`LinearWarmup`, stepped every
+            optimiser step; None/absent: constant lr), ``grad_clip`` (max global gradient norm or None),
+            ``ema_decay`` (None: off), ``max_consecutive_skips`` (stop after this many non-finite steps in a
+            row; None/absent: never), ``coupling_dtype`` (auto | bfloat16 | float32: the coupling
             networks' dtype in training steps, auto = bfloat16 where the device multiplies it natively;
             evaluation always runs in float32), ``coupling_channels_last`` (the coupling networks'
             hidden activations channels-last, in training and evaluation: a layout, not a precision).
@@ -127,19 +174,39 @@ class FlowModule(pl.LightningModule):
         super().__init__()
         model, optim = _plain(model), _plain(optim)
         data = None if data is None else _plain(data)
-        self.save_hyperparameters({"model": model, "optim": optim, "eval_seed": int(eval_seed), "seed": int(seed),
-                                   "use_ema": bool(use_ema), "data": data})
+        if not isinstance(optim, dict):
+            raise ConfigError(f"optim={optim!r} is not allowed: give the optimiser settings ({', '.join(OPTIM_KEYS)})")
+        unknown = sorted(set(optim) - set(OPTIM_KEYS))
+        if unknown:
+            raise ConfigError(f"optim.{unknown[0]}={optim[unknown[0]]!r} is not a setting; optim takes "
+                              f"{', '.join(OPTIM_KEYS)} (the optimiser's own arguments go under optim.optimizer)")
+        self.save_hyperparameters({"model": model, "optim": optim, "eval_seed": check_int("eval.seed", eval_seed),
+                                   "seed": check_int("seed", seed, 0), "use_ema": check_bool("eval.use_ema", use_ema),
+                                   "data": data})
+        self._make_optimizer = _partial(optim.get("optimizer"), "optim.optimizer", ALLOWED_OPTIMIZER_PACKAGES,
+                                        torch.optim.Optimizer, "torch.optim.Adam (optim/optimizer=adam)")
+        self._make_scheduler = None if optim.get("scheduler") is None else _partial(
+            optim["scheduler"], "optim.scheduler", ALLOWED_SCHEDULER_PACKAGES, torch.optim.lr_scheduler.LRScheduler,
+            "flowlab.lit.module.LinearWarmup")
+        probe = self._make_optimizer([torch.zeros(1, requires_grad=True)])  # the classes check their arguments
+        if self._make_scheduler is not None:
+            self._make_scheduler(probe)
+        check_number("optim.grad_clip", optim.get("grad_clip"), 0, low_open=True, allow_none=True)
+        check_int("optim.max_consecutive_skips", optim.get("max_consecutive_skips"), 1, allow_none=True)
+        if optim.get("coupling_dtype") is not None:  # None: float32
+            check_choice("optim.coupling_dtype", optim["coupling_dtype"], ("auto", "bfloat16", "float32"))
+        channels_last = check_bool("optim.coupling_channels_last", optim.get("coupling_channels_last", False))
         self.flow = build_flow(model)
         set_compute = getattr(self.flow, "set_coupling_dtype", None)
         if set_compute is not None:  # before the EMA copy, which inherits the layout
-            set_compute(None, channels_last=bool(optim.get("coupling_channels_last", False)))
+            set_compute(None, channels_last=channels_last)
         self.n_bits = int(self.flow.n_bits)
         ema_decay = optim.get("ema_decay")
-        self.ema = EMA(self.flow, ema_decay) if ema_decay else None
-        self.use_ema = bool(use_ema)
+        self.ema = None if ema_decay is None else EMA(self.flow, ema_decay, key="optim.ema_decay")
+        self.use_ema = use_ema
         self.eval_draws = 1  # dequantisation draws per test image in one test pass
         self.eval_draw_offset = 0  # number of the first draw (flowlab-eval runs one pass per draw)
-        self.train_bpd = BitsPerDim()
+        self.train_bpd = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)  # float64 sums; NaN stays NaN
         self.val_bpd = KeyedBitsPerDim()  # keyed by (image index, draw): DistributedSampler's repeats count once
         self.test_bpd = KeyedBitsPerDim()
         self._noise_gen: torch.Generator | None = None
@@ -149,6 +216,9 @@ class FlowModule(pl.LightningModule):
         self._skip_streak = 0
         self._step_loss: torch.Tensor | None = None
         self._step_skipped = False
+
+    #: read by Lightning's ThroughputMonitor; None: FLOPs are not counted
+    flops_per_batch = None
 
     # ---- the model used for evaluation and pictures -----------------------------------------------
     @property
@@ -213,13 +283,9 @@ class FlowModule(pl.LightningModule):
 
     def _resolve_coupling_dtype(self) -> torch.dtype | None:
         value = self.hparams.optim.get("coupling_dtype")
-        if value in (None, "float32"):
-            return None
         if value == "auto":
             return fast_coupling_dtype(self.device)
-        if value not in COUPLING_DTYPES:
-            raise ConfigError(f"optim.coupling_dtype={value!r} is unknown; allowed: auto, {', '.join(COUPLING_DTYPES)}")
-        return COUPLING_DTYPES[value]
+        return torch.bfloat16 if value == "bfloat16" else None
 
     def on_fit_start(self) -> None:
         self._train_coupling_dtype = self._resolve_coupling_dtype()
@@ -269,22 +335,11 @@ class FlowModule(pl.LightningModule):
         self.log("test/bpd", self.test_bpd, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
-        o = self.hparams.optim
-        name = str(o.get("optimizer", "adam")).lower()
-        if name not in OPTIMIZERS:
-            raise ConfigError(f"optim.optimizer={name!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
-        kwargs = {"lr": float(o["lr"]), "weight_decay": float(o.get("weight_decay") or 0.0)}
-        if o.get("betas") is not None:
-            kwargs["betas"] = tuple(float(b) for b in o["betas"])
-        if o.get("fused"):  # one kernel per step; Adamax has no fused form, its multi-tensor one is next best
-            kwargs["fused" if name == "adam" else "foreach"] = True
-        optimizer = OPTIMIZERS[name](self.flow.parameters(), **kwargs)
-        warmup = int(o.get("warmup_steps") or 0)
-        if warmup <= 0:
+        optimizer = self._make_optimizer(self.flow.parameters())
+        if self._make_scheduler is None:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._make_scheduler(optimizer),
+                                                         "interval": "step", "frequency": 1, "name": "lr"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clip the global gradient norm to ``optim.grad_clip`` and log the norm before clipping."""
@@ -339,7 +394,7 @@ class FlowModule(pl.LightningModule):
 
     # ---- rebuilding from a checkpoint -----------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, checkpoint: Mapping, strict: bool = True) -> "FlowModule":
+    def from_checkpoint(cls, checkpoint: Mapping, strict: bool = True) -> FlowModule:
         """A module rebuilt from a loaded checkpoint dict (see :func:`flowlab.lit.checkpoint.load_checkpoint`)."""
         hp = dict(checkpoint["hyper_parameters"])
         model = hp.get("model")
@@ -347,6 +402,8 @@ class FlowModule(pl.LightningModule):
                 and model.get("permutation") == "nxn" and "nxn_conv1x1" not in model):
             # written before the n×n conv's inner 1×1 became a switch: it was always the LU form
             hp["model"] = {**model, "nxn_conv1x1": "lu"}
+        if isinstance(hp.get("optim"), Mapping) and isinstance(hp["optim"].get("optimizer"), str):
+            hp["optim"] = _optim_of_old_checkpoints(hp["optim"])
         module = cls(**{k: hp[k] for k in ("model", "optim", "eval_seed", "seed", "use_ema", "data") if k in hp})
         try:
             module.load_state_dict(checkpoint["state_dict"], strict=strict)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +28,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from flowlab.errors import ConfigError, UserError
+from flowlab.errors import UserError, check_int, check_number
 from flowlab.lit.images import fixed_images, reconstruct
 
 __all__ = ["TrainingDiverged", "InvertibilityWarning", "InvertibilityMonitor", "stop_diverged", "checkpoint_dir",
-           "mixing_weights", "check_max_consecutive_skips", "check_monitor_config"]
+           "mixing_weights"]
 
 
 class TrainingDiverged(UserError):
@@ -45,16 +44,6 @@ class InvertibilityWarning(UserWarning):
 
 
 # ---- non-finite steps ------------------------------------------------------------------------------------------
-def check_max_consecutive_skips(value, key: str = "optim.max_consecutive_skips") -> int | None:
-    """``value`` as an int ≥ 1, or None (never stop); ConfigError otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}={value!r} is not allowed: give the number of skipped (non-finite) steps in a row "
-                          "after which training stops, an integer ≥ 1 (or null: never stop)")
-    return value
-
-
 def checkpoint_dir(trainer: pl.Trainer) -> Path:
     """Where the run's checkpoints go: the first ModelCheckpoint's folder, else ``<default_root_dir>/checkpoints``."""
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -86,8 +75,8 @@ def stop_diverged(trainer: pl.Trainer, streak: int, total: int) -> None:
     raise TrainingDiverged(
         f"training stopped at step {step}: the last {streak} optimiser steps all had a non-finite loss or "
         f"gradient and were skipped (optim.max_consecutive_skips={streak}; {total} skipped in all). {where}. "
-        f"Continue from that state with ckpt_path={path} and a lower optim.lr, a longer optim.warmup_steps or a "
-        "tighter optim.grad_clip, or start a new run with model.coupling=additive")
+        f"Continue from that state with ckpt_path={path} and a lower optim.optimizer.lr, a longer "
+        "optim.scheduler.warmup_steps or a tighter optim.grad_clip, or start a new run with model.coupling=additive")
 
 
 # ---- invertibility monitor ---------------------------------------------------------------------------------------
@@ -108,34 +97,6 @@ def mixing_weights(root: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _number(value, key: str, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        none = " (or null)" if allow_none else ""
-        raise ConfigError(f"{key}={value!r} is not allowed: it must be a finite number > 0{none}")
-    return float(value)
-
-
-def _count(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer ≥ 1")
-    return value
-
-
-_MONITOR_KEYS = {"every_n_steps": _count, "n_images": _count,
-                 "recon_threshold": lambda v, k: _number(v, k, allow_none=True),
-                 "logdet_bound": _number, "cond_bound": _number}
-
-
-def check_monitor_config(cfg: Mapping[str, Any], key: str = "callbacks.invertibility") -> None:
-    """ConfigError naming the key unless every argument of :class:`InvertibilityMonitor` in ``cfg`` is allowed
-    (run by ``flowlab-train``'s config checks, before any data is read)."""
-    for name, check in _MONITOR_KEYS.items():
-        if name in cfg:
-            check(cfg[name], f"{key}.{name}")
-
-
 class InvertibilityMonitor(Callback):
     """Every ``every_n_steps`` optimiser steps (and at the end of training), on the global-zero process:
 
@@ -152,13 +113,13 @@ class InvertibilityMonitor(Callback):
 
     def __init__(self, every_n_steps: int = 500, n_images: int = 16, recon_threshold: float | None = None,
                  logdet_bound: float = 20.0, cond_bound: float = 1.0e4):
-        check_monitor_config(dict(every_n_steps=every_n_steps, n_images=n_images, recon_threshold=recon_threshold,
-                                  logdet_bound=logdet_bound, cond_bound=cond_bound))
-        self.every_n_steps = every_n_steps
-        self.n_images = n_images
-        self.recon_threshold = recon_threshold
-        self.logdet_bound = float(logdet_bound)
-        self.cond_bound = float(cond_bound)
+        key = "callbacks.invertibility"
+        self.every_n_steps = check_int(f"{key}.every_n_steps", every_n_steps, 1)
+        self.n_images = check_int(f"{key}.n_images", n_images, 1)
+        self.recon_threshold = check_number(f"{key}.recon_threshold", recon_threshold, 0, low_open=True,
+                                            allow_none=True)
+        self.logdet_bound = check_number(f"{key}.logdet_bound", logdet_bound, 0, low_open=True)
+        self.cond_bound = check_number(f"{key}.cond_bound", cond_bound, 0, low_open=True)
         self.history: list[dict[str, Any]] = []
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_step = -1
@@ -198,7 +159,7 @@ class InvertibilityMonitor(Callback):
                     f"invertibility monitor, step {step}: max|decode(encode(x)) - x| = {err:.3g} on {x.shape[0]} fixed "
                     f"images exceeds {limit:.3g} (callbacks.invertibility.recon_threshold): the flow no longer "
                     "inverts to the same pixels. Look for a near-singular mixing weight (warned separately) or "
-                    "exploding coupling scales; lower optim.lr or resume from an earlier checkpoint",
+                    "exploding coupling scales; lower optim.optimizer.lr or resume from an earlier checkpoint",
                     InvertibilityWarning, stacklevel=2)
         layers = []
         for name, w in mixing_weights(pl_module):
@@ -219,7 +180,7 @@ class InvertibilityMonitor(Callback):
                     f"invertibility monitor, step {step}: {len(bad)} mixing weight(s) approach singularity "
                     f"(bounds: |log|det W|| ≤ {self.logdet_bound:g} = callbacks.invertibility.logdet_bound, "
                     f"condition number ≤ {self.cond_bound:g} = callbacks.invertibility.cond_bound): {listed}{more}. "
-                    "Their inverses lose precision, so sampling and reconstructions degrade; lower optim.lr, "
+                    "Their inverses lose precision, so sampling and reconstructions degrade; lower optim.optimizer.lr, "
                     "or use model/permutation=conv1x1_lu (its log-det cannot pass through 0)",
                     InvertibilityWarning, stacklevel=2)
         self.history.append(record)

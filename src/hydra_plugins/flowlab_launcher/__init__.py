@@ -1,13 +1,13 @@
-"""flowlab's Hydra launcher plugin. Hydra takes launchers only from classes defined in the ``hydra_plugins``
-namespace, so the class ``hydra/launcher=slurm`` names is defined here; its code is
-:class:`flowlab.cluster.SlurmLauncher`.
+"""The Hydra plugin of flowlab's launcher (``hydra/launcher=slurm``). Hydra finds launchers only among classes
+defined in the ``hydra_plugins`` namespace, so the class the config names is declared here; its code is
+:class:`flowlab.cluster.RequeueSubmititLauncher`.
 """
 
 from flowlab import cluster as _cluster
 
 
-class SlurmLauncher(_cluster.SlurmLauncher):
-    __doc__ = _cluster.SlurmLauncher.__doc__
+class RequeueSubmititLauncherPlugin(_cluster.RequeueSubmititLauncher):
+    __doc__ = _cluster.RequeueSubmititLauncher.__doc__
 
 
-__all__ = ["SlurmLauncher"]
+__all__ = ["RequeueSubmititLauncherPlugin"]

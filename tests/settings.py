@@ -1,0 +1,8 @@
+"""Settings several test files build modules with."""
+
+
+def optim(lr: float = 1e-3, warmup_steps: int = 0, **kw) -> dict:
+    """``optim`` as conf/ composes it: an Adam partial, the warm-up schedule (none for 0 steps), the rest."""
+    scheduler = {"_target_": "flowlab.lit.module.LinearWarmup", "_partial_": True, "warmup_steps": warmup_steps}
+    return {"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": lr},
+            "scheduler": scheduler if warmup_steps else None, "grad_clip": 50.0, "ema_decay": None, **kw}
