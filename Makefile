@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train test test-all bench sweep fashion-mnist clean
+.PHONY: install train test test-all lint bench sweep fashion-mnist clean
 
 install: $(STAMP)
 
@@ -35,11 +35,16 @@ fashion-mnist:
 train: install fashion-mnist
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/flowlab-train experiment=quickstart $(ARGS)
 
+# The quick suite (a few minutes on two cores): everything but the slow and multi-process tests.
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not distributed" $(ARGS)
 
-test-all: install
+# Everything: adds the slow tests (soak, signals, real-data training) and the multi-process DDP ones.
+test-all: install fashion-mnist
 	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests experiments
 
 bench: install
 	$(BIN)/flowlab-bench --preset cpu $(ARGS)
