@@ -37,6 +37,8 @@ ALLOWED_SCHEDULER_PACKAGES = ("torch.optim.lr_scheduler", "flowlab.lit.module")
 OPTIM_KEYS = ("optimizer", "scheduler", "grad_clip", "ema_decay", "max_consecutive_skips", "coupling_dtype",
               "coupling_channels_last")
 _MAX_DRAWS = 2**20  # evaluation metric key = image index * _MAX_DRAWS + draw
+#: optim.coupling_dtype: a dtype by name ("auto" resolves on the device: flowlab.flows.precision)
+COUPLING_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def _plain(obj: Any) -> Any:
@@ -194,7 +196,7 @@ class FlowModule(pl.LightningModule):
         check_number("optim.grad_clip", optim.get("grad_clip"), 0, low_open=True, allow_none=True)
         check_int("optim.max_consecutive_skips", optim.get("max_consecutive_skips"), 1, allow_none=True)
         if optim.get("coupling_dtype") is not None:  # None: float32
-            check_choice("optim.coupling_dtype", optim["coupling_dtype"], ("auto", "bfloat16", "float32"))
+            check_choice("optim.coupling_dtype", optim["coupling_dtype"], ("auto", *COUPLING_DTYPES))
         channels_last = check_bool("optim.coupling_channels_last", optim.get("coupling_channels_last", False))
         self.flow = build_flow(model)
         set_compute = getattr(self.flow, "set_coupling_dtype", None)
@@ -285,7 +287,7 @@ class FlowModule(pl.LightningModule):
         value = self.hparams.optim.get("coupling_dtype")
         if value == "auto":
             return fast_coupling_dtype(self.device)
-        return torch.bfloat16 if value == "bfloat16" else None
+        return COUPLING_DTYPES[value or "float32"]
 
     def on_fit_start(self) -> None:
         self._train_coupling_dtype = self._resolve_coupling_dtype()
