@@ -33,8 +33,7 @@ PLAIN = ("optim.optimizer.fused=false", "optim.coupling_dtype=float32", "optim.c
 WARMUP = 2  # untimed steps before timing (the first initialises ActNorm); the Timer adds its own
 
 
-#: sizes; timing: ``repeats`` blocks (``rounds`` in the alternating ratios) of ``calls`` calls each
-#: (``layer_calls`` for layers); ``check_steps``, ``check_batch``: the bits/dim check's default length
+#: sizes; timing: ``repeats`` blocks (``rounds`` in ratios) of ``calls`` calls (``layer_calls`` for layers); the check's length
 Preset = namedtuple("Preset", "name image_size K L hidden_channels batch repeats rounds calls layer_calls layer_shapes "
                               "check_steps check_batch")
 _SHAPES = ((12, 16, 16), (48, 16, 16), (48, 4, 4))  # level 1 of a 32x32x3 Glow; 4x its channels; level 3
@@ -54,8 +53,8 @@ def model_names() -> list[str]:
 def configs(name: str, p: Preset, plain: bool = False) -> tuple[dict, dict]:
     """``(model, optim)`` as flowlab-train composes them from conf/train.yaml: the training defaults (with
     ``plain``: :data:`PLAIN`), model ``name`` (a Glow permutation or realnvp) at the preset's sizes."""
-    sizes = [f"model/permutation={name}", f"model.K={p.K}", f"model.hidden_channels={p.hidden_channels}"] \
-        if name != "realnvp" else ["model=realnvp"]
+    sizes = ["model=realnvp"] if name == "realnvp" else [f"model/permutation={name}", f"model.K={p.K}",
+                                                          f"model.hidden_channels={p.hidden_channels}"]
     overrides = ["data=cifar10", f"data.image_size={p.image_size}", f"model.L={p.L}", *sizes, *(PLAIN if plain else ())]
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name="flowlab-bench"):
         cfg = compose("train", overrides=overrides)
@@ -89,10 +88,11 @@ def as_batch(x: torch.Tensor, index: torch.Tensor) -> tuple:
     return x, torch.zeros_like(index), index
 
 
-def batches(count: int, p: Preset, device: torch.device) -> list[tuple]:
-    x = reduce_bits(images(count * p.batch, p.image_size, seed=0), 8).to(device)  # conf/data/cifar10's n_bits
-    index = torch.arange(count * p.batch, device=device)
-    return [as_batch(x[i:i + p.batch], index[i:i + p.batch]) for i in range(0, count * p.batch, p.batch)]
+def batches(count: int, p: Preset, device: torch.device, x: torch.Tensor | None = None) -> list[tuple]:
+    """``count`` batches of ``x`` (default: synthetic images at conf/data/cifar10's 8 bits), indexed 0, 1, ..."""
+    x = (reduce_bits(images(count * p.batch, p.image_size, seed=0), 8) if x is None else x).to(device)
+    b = len(x) // count
+    return [as_batch(x[i:i + b], torch.arange(i, i + b, device=device)) for i in range(0, count * b, b)]
 
 
 class FlowRun:
@@ -106,8 +106,7 @@ class FlowRun:
         torch.manual_seed(0)
         self.module = FlowModule(model, optim).to(device)
         opt = self.module.configure_optimizers()
-        self.opt, self.sched = (opt["optimizer"], opt["lr_scheduler"]["scheduler"]) if isinstance(opt, dict) \
-            else (opt, None)
+        self.opt, self.sched = (opt["optimizer"], opt["lr_scheduler"]["scheduler"]) if isinstance(opt, dict) else (opt, None)
         self.module.on_fit_start()  # resolves optim.coupling_dtype on the device
         self.flow, self.n_bits, self.i = self.module.flow, self.module.n_bits, 0
         self.dtype = getattr(self.module, "_train_coupling_dtype", None) or torch.float32
@@ -138,8 +137,7 @@ class ReferenceRun:
         torch.manual_seed(0)
         keys = ("in_channels", "image_size", "K", "L", "hidden_channels", "n_bits")
         self.flow = reference_glow()(**{k: model[k] for k in keys}).to(device).train()
-        adam = {k: optim["optimizer"][k] for k in ("lr", "betas")}  # the training defaults' values, plain Adam
-        self.opt = torch.optim.Adam(self.flow.parameters(), **adam)
+        self.opt = torch.optim.Adam(self.flow.parameters(), lr=optim["optimizer"]["lr"], betas=optim["optimizer"]["betas"])
         self.n_bits, self.dtype = model["n_bits"], torch.float32
 
     def step(self, batch) -> None:
@@ -160,8 +158,7 @@ def build(name: str, p: Preset, device: torch.device, plain: bool = False) -> Fl
 
 def stepper(run: FlowRun | ReferenceRun, data: list[tuple]):
     """A no-argument training step cycling through ``data``."""
-    it = itertools.cycle(data)
-    return lambda: run.step(next(it))
+    return functools.partial(lambda it: run.step(next(it)), itertools.cycle(data))
 
 
 def alternate(fns: list, rounds: int, calls: int) -> list[list[float]]:
@@ -185,7 +182,7 @@ def quartiles(xs: list[float]) -> dict:
     return dict(zip(("q1", "median", "q3"), q.tolist()), n=len(xs))
 
 
-def rates(seconds: list[float], batch: int) -> dict:
+def rates(seconds: list[float], batch: int) -> dict:  # images/s from seconds per batch
     return quartiles([batch / s for s in seconds])
 
 
@@ -209,11 +206,10 @@ def peak_memory(device: torch.device, out: dict):
 @contextlib.contextmanager
 def strict_float32():
     """IEEE float32 matrix products and convolutions (TF32 off) inside the block."""
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
     try:
-        yield
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
     finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
+        torch.set_float32_matmul_precision(saved)

@@ -26,16 +26,13 @@ def environment(device: torch.device, argv: list[str]) -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.machine())
     return {"time_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"), "command": shlex.join(argv),
             "flowlab_commit": os.environ.get("FLOWLAB_COMMIT") or commit or None, "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "cpu": cpu, "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "load_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cpu": cpu,
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_1m": os.getloadavg()[0]}
 
 
 def _n(v, digits: int = 1) -> str:
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{digits}f}"
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{digits}f}"
 
 
 def _q(q: dict, unit: str = "") -> str:  # median [interquartile range]
@@ -56,11 +53,9 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
 
 
 def markdown(r: dict) -> str:
-    env, p, out = r["env"], r["preset"], []
-    hw = env["gpu"] or f"{env['cpu']} ({env['threads']} threads)"
-    out += [f"## flowlab bench: preset `{p['name']}` on {env['device']}", "",
-            f"- {hw}; torch {env['torch']}; python {env['python']}; flowlab {env['flowlab_commit']}; "
-            f"{env['time_utc']} UTC",
+    env, p, hw = r["env"], r["preset"], r["env"]["gpu"] or f"{r['env']['cpu']} ({r['env']['threads']} threads)"
+    out = [f"## flowlab bench: preset `{p['name']}` on {env['device']}", "",
+           f"- {hw}; torch {env['torch']}; python {env['python']}; flowlab {env['flowlab_commit']}; {env['time_utc']} UTC",
             f"- command: `{env['command']}`",
             f"- Glow {p['image_size']}×{p['image_size']}×3, K={p['K']}, L={p['L']}, width {p['hidden_channels']}, "
             f"batch {p['batch']}, image-like synthetic batches; flowlab trains through FlowModule with "
@@ -68,8 +63,7 @@ def markdown(r: dict) -> str:
             f"- timing: torch.utils.benchmark's Timer.timeit, {p['repeats']} blocks of {p['calls']} calls "
             f"({p['layer_calls']} for layers) after 2 untimed ones; median [IQR] over blocks"]
     if env["load_1m"] and env["load_1m"] > 0.5 * (env["cpu_count"] or 1):
-        out.append(f"- **busy machine (load {env['load_1m']:.2f} on {env['cpu_count']} CPUs): "
-                   "not comparable with a quiet run**")
+        out.append(f"- **busy machine (load {env['load_1m']:.2f} on {env['cpu_count']} CPUs): not comparable with a quiet run**")
     if not r["complete"]:
         out.append("- **incomplete: the run was cut short; what finished is below**")
     if r["models"]:
@@ -120,14 +114,13 @@ def output_paths(out_dir: str, stem: str) -> tuple[Path, Path]:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out_dir}: cannot create the folder ({e}); pick a writable folder") from None
-    names = (stem if n == 1 else f"{stem}-{n}" for n in itertools.count(1))
-    name = next(x for x in names if not any((Path(out_dir) / f"{x}{ext}").exists() for ext in (".json", ".md")))
-    return Path(out_dir) / f"{name}.json", Path(out_dir) / f"{name}.md"
+    for name in (stem if n == 1 else f"{stem}-{n}" for n in itertools.count(1)):
+        if not any((Path(out_dir) / f"{name}{ext}").exists() for ext in (".json", ".md")):
+            return Path(out_dir) / f"{name}.json", Path(out_dir) / f"{name}.md"
 
 
 def write(result: dict, paths: tuple[Path, Path]) -> None:
     strict = json.loads(json.dumps(result), parse_constant=lambda _: None)  # strict JSON: NaN, Infinity -> null
     for path, text in zip(paths, (json.dumps(strict, indent=1, allow_nan=False) + "\n", markdown(result))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        path.with_name(path.name + ".tmp").write_text(text)
+        os.replace(path.with_name(path.name + ".tmp"), path)

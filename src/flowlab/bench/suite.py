@@ -75,8 +75,7 @@ def paired(a: str, b: str, p: Preset, device: torch.device, plain: bool = False,
             run.flow.eval()
         fns = [lambda r=r: r.flow.sample(p.batch) for r in runs]
     with torch.no_grad() if sample else contextlib.nullcontext():
-        secs = core.alternate(fns, p.rounds, p.calls)
-    return {"a": a, "b": b, **ratio_summary(*secs, p.batch)}
+        return {"a": a, "b": b, **ratio_summary(*core.alternate(fns, p.rounds, p.calls), p.batch)}
 
 
 def bench_layers(p: Preset, device: torch.device) -> dict:
@@ -116,28 +115,25 @@ def claims(rows: list[dict]) -> list[dict]:
     return out
 
 
-def bpd_check(p: Preset, device: torch.device, steps: int, on_point=None) -> dict:
+def bpd_check(p: Preset, device: torch.device, steps: int, on_point=lambda result: None) -> dict:
     """Bits/dim after ``steps`` training steps with the defaults vs strict float32 (PLAIN, TF32 off):
     same initial weights, same batches; both evaluated like validation, in float32, at 8 points."""
     runs = {"defaults": build(RATIO_MODEL, p, device), "float32": build(RATIO_MODEL, p, device, plain=True)}
     runs["float32"].module.load_state_dict(runs["defaults"].module.state_dict())
     b = p.check_batch
     pool = reduce_bits(core.images(min(20000, 256 * b), p.image_size, seed=7), runs["float32"].n_bits).to(device)
-    held = [core.as_batch(pool[k:k + b], torch.arange(k, k + b, device=device)) for k in range(0, 4 * b, b)]
-    train = pool[4 * b:]  # the first 4 batches are held out
+    held, train = core.batches(4, p, device, pool[:4 * b]), pool[4 * b:]  # the first 4 batches are held out
 
     def batch(i: int) -> tuple:  # batch i depends on i only
         idx = torch.randint(len(train), (b,), generator=torch.Generator().manual_seed(i)).to(device)
         return core.as_batch(train[idx], idx)
 
     def evaluate(module) -> float:
-        module.eval()
-        module.val_bpd.reset()
+        module.eval().val_bpd.reset()
         with torch.no_grad(), core.strict_float32():
             for x in held:
                 module.validation_step(x, 0)
-        module.train()
-        return float(module.val_bpd.compute())
+        return float(module.train().val_bpd.compute())
 
     result = {"model": RATIO_MODEL, "steps": steps, "batch": b, "images": len(pool), "tolerance": CHECK_TOLERANCE,
               "points": [], "seconds": dict.fromkeys(runs, 0.0)}
@@ -152,12 +148,11 @@ def bpd_check(p: Preset, device: torch.device, steps: int, on_point=None) -> dic
                     torch.cuda.synchronize(device)
                 result["seconds"][label] += time.perf_counter() - start
         done, point = end, {"step": end, **{label: evaluate(run.module) for label, run in runs.items()}}
-        result["points"].append({**point, "difference": point["defaults"] - point["float32"]})
-        diff = result["difference"] = result["points"][-1]["difference"]
+        diff = result["difference"] = point["defaults"] - point["float32"]
+        result["points"].append({**point, "difference": diff})
         result["passed"] = end == steps and math.isfinite(diff) and abs(diff) <= CHECK_TOLERANCE
         log(f"check step {end}/{steps}: defaults {point['defaults']:.4f}, float32 {point['float32']:.4f} bits/dim")
-        if on_point:
-            on_point(result)
+        on_point(result)
     return result
 
 

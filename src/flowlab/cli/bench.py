@@ -40,22 +40,20 @@ def run(argv: list[str] | None = None) -> int:
     models = {"all": names, "none": []}.get(args.models, [m.strip() for m in args.models.split(",") if m.strip()])
     if unknown := [m for m in models if m not in names]:
         raise ConfigError(f"--models: {', '.join(unknown)} not known; choose from {', '.join(names)} (comma-separated)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
     try:
-        device = device or torch.device(args.device)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+        device = torch.device("meta")
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"--device {args.device}: not available here; use --device cpu")
+        raise UserError(f"--device {args.device!r}: not a device available here; use cpu, cuda, cuda:N or auto")
     if args.threads is not None and args.threads < 1 or args.check < -1:
         raise ConfigError("--threads and --check take a positive number")
     if args.threads:
         torch.set_num_threads(args.threads)
     check = preset.check_steps if args.check == -1 else args.check
-    env = report.environment(device, ["flowlab-bench", *argv])
-    kind = "check" if check and not models and args.no_layers else "bench"
-    stem = f"{kind}_{preset.name}_{device.type}{'_plain' * args.plain}_{env['time_utc']}"
-    paths = report.output_paths(args.out, stem)
+    env, kind = report.environment(device, ["flowlab-bench", *argv]), "check" if check and not models and args.no_layers \
+        else "bench"
+    paths = report.output_paths(args.out, f"{kind}_{preset.name}_{device.type}{'_plain' * args.plain}_{env['time_utc']}")
     result = {"schema": "flowlab-bench/2", "env": env, "preset": preset._asdict(), "plain": args.plain,
               "optim": core.configs(core.RATIO_MODEL, preset, args.plain)[1]}
     suite.run(preset, device, models, result, plain=args.plain, layers=not args.no_layers, check_steps=check,
@@ -71,7 +69,3 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"flowlab-bench: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
