@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install train test test-all lint bench sweep fashion-mnist clean
+.PHONY: install train test test-all test-cluster lint bench sweep fashion-mnist clean
 
 install: $(STAMP)
 
@@ -37,11 +37,17 @@ train: install fashion-mnist
 
 # The quick suite (a few minutes on two cores): everything but the slow and multi-process tests.
 test: install
-	$(BIN)/python -m pytest -q -m "not slow and not distributed" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not distributed and not cluster" $(ARGS)
 
-# Everything: adds the slow tests (soak, signals, real-data training) and the multi-process DDP ones.
+# Everything but the cluster tests: adds the slow tests (soak, signals, real-data training) and the multi-process DDP ones.
 test-all: install fashion-mnist
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -m "not cluster" $(ARGS)
+
+# Real SLURM jobs on a one-node cluster started here (as root; tests/cluster/README.md), stopped even on failure.
+test-cluster: install
+	bash tests/cluster/slurm.sh start
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m cluster tests/cluster $(ARGS); \
+	  rc=$$?; bash tests/cluster/slurm.sh stop; exit $$rc
 
 lint: install
 	$(BIN)/ruff check src tests experiments

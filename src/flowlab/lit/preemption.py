@@ -1,17 +1,18 @@
-"""Stopping cleanly on a signal, and what a resumed run needs besides weights and optimiser.
+"""Stopping cleanly on a signal, requeueing under SLURM, and what a resumed run needs besides weights and optimiser.
 
 :class:`Preemption` (always added by ``flowlab-train``):
 
-- **SIGTERM** (a scheduler's preemption or time limit, ``kill <pid>``) and **SIGUSR1** (outside SLURM) end
-  training at the next step boundary on every process: Lightning sets its ``received_sigterm`` flag
-  (SIGUSR1 sets the same flag here), broadcasts it from rank 0 every step, and raises
-  ``SIGTERMException`` on all ranks at the same step. :meth:`Preemption.on_exception` then saves
-  ``checkpoints/last.ckpt`` (collectively, atomically) and prints where it went, so running the same
-  command again resumes there. The process exits with 128 + the signal number.
-- Under **SLURM** Lightning's ``SLURMEnvironment`` owns SIGUSR1 (auto-requeue): it writes
-  ``hpc_ckpt_<n>.ckpt`` into the run directory and runs ``scontrol requeue``; the SIGTERM that follows
-  the requeue is handled as above. ``flowlab-train`` resumes from the newest of ``last.ckpt`` and the
-  ``hpc_ckpt`` files.
+- **SIGTERM** (a scheduler's preemption, ``scancel``, ``kill <pid>``) and **SIGUSR1** (SLURM's warning
+  ``signal_delay_s`` before the time limit) only set a flag: a signal handler must not save or talk to the
+  other processes (a save there is a collective that can meet another rank inside the gradient all-reduce
+  and deadlock DDP, as Lightning's SLURM handler does). At the next training-step boundary every rank
+  all-reduces the flags, so all agree on the same step; then they save ``checkpoints/last.ckpt`` together
+  (atomically, through the trainer's ``save_checkpoint``), under SLURM rank 0 runs ``scontrol requeue
+  <job>`` for a SIGUSR1 (while ``max_num_timeout`` requeues are left), and every process exits with
+  128 + the signal number. Running the same command again (or the requeued job) resumes there.
+- Under SLURM a SIGUSR1 outside training (before it starts, during test) is noted and otherwise ignored, so
+  a time-limit warning during test never kills a finished run; one that came before training is acted on
+  at its first step.
 - **RNG state**: the Python, NumPy and torch (CPU and CUDA) generator states are saved in the checkpoint
   and restored on resume. The training dequantisation noise has its own generator, re-seeded from
   (seed, rank, step), so it is restored by the step count alone.
@@ -34,7 +35,34 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-__all__ = ["Preemption", "last_checkpoint_path", "rng_state", "set_rng_state"]
+__all__ = ["Preemption", "last_checkpoint_path", "rng_state", "set_rng_state", "note_signal", "REQUEUE_ENV"]
+
+#: "0" on a SLURM node once the launcher's max_num_timeout requeues are used up (set by flowlab.cluster)
+REQUEUE_ENV = "FLOWLAB_SLURM_AUTO_REQUEUE"
+_RECEIVED: set[int] = set()  # signals noted since the last step boundary that acted on them
+
+
+def note_signal(signum: int, frame: Any = None) -> None:
+    """The whole signal handler: remember the signal; :class:`Preemption` acts at the next step boundary."""
+    _RECEIVED.add(int(signum))
+
+
+def _slurm_job_id() -> str | None:
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
+
+
+def _requeue(job_id: str) -> str:
+    """``scontrol requeue <job>``; what happened, for the message."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"could not requeue SLURM job {job_id} ({e}); resubmit it to resume"
+    if done.returncode != 0:
+        return f"could not requeue SLURM job {job_id} ({(done.stderr or done.stdout).strip()}); resubmit it to resume"
+    return f"requeued SLURM job {job_id}"
 
 
 def last_checkpoint_path(trainer: pl.Trainer) -> Path:
@@ -78,11 +106,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Preemption(Callback):
-    """Signal-safe stopping (checkpoint before exit) and RNG state in checkpoints; see the module docs."""
+    """Signal-safe stopping and requeue (a flag in the handler, a collective save at a step boundary) and RNG
+    state in checkpoints; see the module docs."""
 
     def __init__(self) -> None:
         self.signal_received: int | None = None
-        self._saved_to: Path | None = None
         self._installed: dict[int, Any] = {}
 
     @property
@@ -90,39 +118,28 @@ class Preemption(Callback):
         return "Preemption"
 
     # ---- signals -------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Under SLURM, SIGUSR1 outside training is only noted (Lightning restores this handler after each stage)."""
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        if os.name != "nt" and SLURMEnvironment.detect() and signal.getsignal(signal.SIGUSR1) in (None, signal.SIG_DFL):
+            self._install(signal.SIGUSR1, note_signal, keep=True)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Lightning has registered its handlers by now (SIGTERM always; SIGUSR1 under SLURM auto-requeue)."""
+        """Replace the handlers Lightning registered (its SIGTERM handler broadcasts inside the handler) by
+        :func:`note_signal` for the length of training."""
         self.signal_received = None
-        self._saved_to = None
-        self._installed = {}
-        if os.name == "nt":  # pragma: no cover
-            return
-        previous_term = signal.getsignal(signal.SIGTERM)
+        if os.name != "nt":
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                self._install(signum, note_signal)
 
-        def on_term(signum, frame):  # Lightning's handler (chained) sets received_sigterm
-            self.signal_received = self.signal_received or signum
-            if callable(previous_term):
-                previous_term(signum, frame)
-
-        self._install(signal.SIGTERM, on_term)
-        if signal.getsignal(signal.SIGUSR1) in (None, signal.SIG_DFL, signal.SIG_IGN):
-            def on_usr1(signum, frame):
-                self.signal_received = self.signal_received or signum
-                connector = getattr(trainer, "_signal_connector", None)
-                if connector is not None:
-                    connector.received_sigterm = True  # stops all ranks at the next step boundary
-                else:  # pragma: no cover - other Lightning versions
-                    trainer.should_stop = True
-
-            self._install(signal.SIGUSR1, on_usr1)
-
-    def _install(self, signum: int, handler) -> None:
+    def _install(self, signum: int, handler, keep: bool = False) -> None:
         import threading
 
-        if threading.current_thread() is not threading.main_thread():  # signals only work there
-            return
-        self._installed[signum] = signal.getsignal(signum)
-        signal.signal(signum, handler)
+        if threading.current_thread() is threading.main_thread():  # signals only work there
+            if not keep:
+                self._installed.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, handler)
 
     def _restore(self) -> None:
         import threading
@@ -132,25 +149,33 @@ class Preemption(Callback):
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._installed = {}
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        """The step boundary: all ranks agree whether any got a signal; if so save, requeue, exit together."""
+        flags = torch.tensor([float(signal.SIGUSR1 in _RECEIVED), float(signal.SIGTERM in _RECEIVED)],
+                             device=trainer.strategy.root_device)
+        flags = trainer.strategy.reduce(flags, reduce_op="sum")  # a collective on every rank at every step
+        if not bool(flags.any()):
+            return
+        _RECEIVED.clear()
+        self.signal_received = signum = signal.SIGUSR1 if flags[0] > 0 else signal.SIGTERM
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)  # collective; AtomicCheckpointIO writes it atomically
+        what = f"saved {path}; run the same command again to resume from it"
+        job = _slurm_job_id()
+        if signum == signal.SIGUSR1 and job and "SLURM_NTASKS" in os.environ and os.environ.get(REQUEUE_ENV, "1") != "0":
+            if trainer.is_global_zero:
+                what = f"saved {path}; {_requeue(job)}"
+            trainer.strategy.barrier("flowlab-requeue")  # no rank leaves (and ends the job) before the requeue
+        if trainer.is_global_zero:
+            print(f"received {signal.Signals(signum).name} at step {trainer.global_step}: {what}", file=sys.stderr, flush=True)
+        raise SIGTERMException  # every rank, at the same step: flowlab-train exits with 128 + signal
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
+        _RECEIVED.clear()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """On SIGTERM/SIGUSR1 (raised by Lightning at a step boundary on every rank): save last.ckpt."""
-        try:
-            if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
-                return
-            if trainer.global_step == 0 or getattr(trainer, "fast_dev_run", False):
-                return
-            path = last_checkpoint_path(trainer)
-            trainer.save_checkpoint(path)  # collective: every rank raised at the same step
-            self._saved_to = path
-            if trainer.is_global_zero:
-                name = signal.Signals(self.signal_received).name if self.signal_received else "SIGTERM"
-                print(f"received {name} at step {trainer.global_step}: saved {path}; "
-                      "run the same command again to resume from it", file=sys.stderr, flush=True)
-        finally:
-            self._restore()
+        self._restore()
 
     # ---- RNG state in the checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
