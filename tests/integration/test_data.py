@@ -93,7 +93,7 @@ def test_imagenet_resolution_and_size_must_agree():
     with pytest.raises(ConfigError, match="data.image_size=64"):
         fd.ImageNetDownsampledDataModule("/x", resolution=32, image_size=64)
     dm = fd.ImageNetDownsampledDataModule("/x", resolution=64)
-    assert (dm.image_size, dm.channels, dm.num_classes, dm.name) == (64, 3, 1000, "imagenet64")
+    assert (dm.image_size, dm.channels, dm.num_classes, dm.name) == (64, 3, 1, "imagenet64")  # PNG release: no labels
     assert dm.release == "oord"
     assert fd.ImageNetDownsampledDataModule("/x", resolution=32, release="chrabaszcz").name == "imagenet32_chrabaszcz"
     with pytest.raises(ConfigError) as e:
@@ -158,8 +158,12 @@ def test_dataloaders_shuffle_and_drop_only_for_training(tmp_path):
     # training batches carry the index too: shuffled positions, each at most once per epoch
     seen = torch.cat([b[2] for b in dm.train_dataloader()])
     assert len(set(seen.tolist())) == 28 and set(seen.tolist()) <= set(range(30))
-    orders = [torch.cat([b[1] for b in dm.train_dataloader()]) for _ in range(3)]
-    assert not all(torch.equal(orders[0], o) for o in orders[1:])
+    # the order is a function of (seed, epoch): a new one every epoch (Lightning calls set_epoch), the same on resume
+    loader, orders = dm.train_dataloader(), []
+    for epoch in (0, 1, 2, 0):
+        loader.order.set_epoch(epoch)
+        orders.append(torch.cat([b[2] for b in loader]))
+    assert not all(torch.equal(orders[0], o) for o in orders[1:3]) and torch.equal(orders[0], orders[3])
 
 
 def test_batch_larger_than_training_set_is_config_error(tmp_path):
@@ -592,7 +596,8 @@ def test_lightning_fit_and_test_see_the_right_images(tmp_path):
 
 CONFIGS = {"cifar10": "cifar10", "imagenet32": "imagenet32", "imagenet64": "imagenet64",
            "imagenet32_chrabaszcz": "imagenet32_chrabaszcz", "imagenet64_chrabaszcz": "imagenet64_chrabaszcz",
-           "celebahq256": "celebahq256", "mnist": "mnist", "fashion_mnist": "fashion_mnist"}
+           "celebahq256": "celebahq256", "mnist": "mnist", "fashion_mnist": "fashion_mnist",
+           "svhn": "svhn"}
 
 
 def _compose(name, data_dir, overrides=()):

@@ -115,6 +115,10 @@ def check_data_fits_model(datamodule, model_hp: Mapping, where: str) -> None:
             "n_bits": getattr(datamodule, "n_bits", None)}
     bad = [f"data.{k}={have[k]} but the model expects {want[k]}" for k in want
            if want[k] is not None and have[k] is not None and list(_as_pair(want[k])) != list(_as_pair(have[k]))]
+    n_classes = model_hp.get("n_classes") if model_hp.get("y_condition") else None
+    if n_classes is not None and getattr(datamodule, "num_classes", n_classes) != n_classes:  # 1: no labels
+        bad.append(f"the model is class-conditional over {n_classes} classes but data={datamodule.name} has "
+                   + (f"{datamodule.num_classes}" if datamodule.num_classes > 1 else "no labels"))
     if bad:
         raise ConfigError(f"the data does not fit the model of {where}: " + "; ".join(bad)
                           + ". Choose the dataset the model was trained on (data=<name>, data.n_bits=...)")
@@ -157,8 +161,19 @@ def _missing_module(e: BaseException, name: str) -> bool:
     return name in text and ("No module" in text or "not available" in text or "install" in text)
 
 
+#: ``<run dir>/wandb_id``: the W&B run id of a run directory, kept so that a resumed run continues its W&B run
+WANDB_ID_FILE = "wandb_id"
+
+
 def _wandb_defaults(lcfg: dict, cfg: DictConfig, hydra_cfg, RunMode) -> None:
-    """One W&B run per job: in a multirun, named <run_name>/<sweep point>, grouped by run_name, tagged."""
+    """One W&B run per job: in a multirun, named <run_name>/<sweep point>, grouped by run_name, tagged; and one per
+    run directory: the id kept in ``<run dir>/wandb_id`` (written by flowlab-train), resumed with resume="allow"."""
+    import secrets
+
+    known = Path(str(lcfg.get("save_dir") or ".")) / WANDB_ID_FILE
+    if not lcfg.get("id"):
+        lcfg["id"] = known.read_text().strip() if known.is_file() else secrets.token_hex(4)
+    lcfg.setdefault("resume", "allow")
     choices = dict(hydra_cfg.runtime.choices) if hydra_cfg is not None else {}
     tags = list(lcfg.get("tags") or [])
     for key, label in (("data", "data"), ("model", "model"), ("model/permutation", "permutation")):

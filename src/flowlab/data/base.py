@@ -14,19 +14,21 @@ Batches of every split are ``(x, y, index)``: ``x`` uint8 ``[B, C, H, W]`` with 
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from flowlab.data.datasets import ImageFileDataset, TensorImageDataset
 from flowlab.errors import ConfigError, DataError, check_bool, check_int
 
-__all__ = ["FlowDataModule", "TensorSource", "FileSource"]
+__all__ = ["FlowDataModule", "TensorSource", "FileSource", "ResumableLoader"]
 
 
 @dataclass
@@ -57,6 +59,46 @@ class FileSource:
         return len(self.paths)
 
 
+class _ResumableOrder(DistributedSampler):
+    """A DistributedSampler whose next pass starts ``skip`` indices in (its length stays the whole epoch's)."""
+
+    skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch: Lightning saves its ``state_dict`` (epoch and batches
+    served) in checkpoints and restores it. The order is a function of (seed, epoch) alone (a DistributedSampler,
+    also for one process), so a resumed run skips the batches it trained on and sees the same rest of the epoch."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0, **kwargs):
+        order = _ResumableOrder(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        super().__init__(dataset, batch_size=batch_size, sampler=order, drop_last=True, **kwargs)
+        self._served, self._resume = 0, None
+
+    @property
+    def order(self) -> DistributedSampler:
+        return self.sampler
+
+    def __iter__(self):
+        epoch, served = self._resume or (None, 0)
+        self._resume = None
+        self._served = served if epoch == self.order.epoch else 0
+        self.order.skip = self._served * self.batch_size  # full batches only (drop_last)
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.order.epoch), "batches": int(self._served)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+
 class FlowDataModule(pl.LightningDataModule):
     """Common arguments and behaviour of the flowlab DataModules.
 
@@ -74,6 +116,8 @@ class FlowDataModule(pl.LightningDataModule):
         image_size: expected height = width; ``None`` takes the data's. Where the dataset has a
             fixed size a different value is a ConfigError; image folders are resized to it.
         channels: expected channel count; ``None`` takes the data's; a mismatch is a ConfigError.
+        n_classes: the classes the config says the labels have (``model.n_classes`` takes it): the data's
+            ``num_classes``, or None (also for data without labels); another value is a ConfigError.
     """
 
     #: the ``conf/data`` choice naming this DataModule
@@ -90,7 +134,7 @@ class FlowDataModule(pl.LightningDataModule):
 
     def __init__(self, root: str | Path, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  n_bits: int = 8, hflip: bool = False, val_size: int | float = 5000, seed: int = 0,
-                 image_size: int | None = None, channels: int | None = None):
+                 image_size: int | None = None, channels: int | None = None, n_classes: int | None = None):
         super().__init__()
         if root is None or str(root).strip() == "":
             raise ConfigError("data.root is empty: set it to the folder holding the dataset "
@@ -118,6 +162,10 @@ class FlowDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.image_size={image_size} does not match {self.name}, whose images are "
                               f"{self.native_image_size}x{self.native_image_size}; "
                               f"set data.image_size={self.native_image_size}")
+        if n_classes is not None and n_classes != (self.num_classes if self.num_classes > 1 else None):
+            has = f"labels of {self.num_classes} classes" if self.num_classes > 1 else "no labels"
+            raise ConfigError(f"data.n_classes={n_classes!r} does not match {self.name}, which has {has}; set "
+                              f"data.n_classes={self.num_classes if self.num_classes > 1 else 'null'}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = bool(pin_memory)
@@ -191,7 +239,12 @@ class FlowDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.batch_size={self.batch_size} is larger than the {len(ds)} training images "
                               f"of {self.name} in {self.root} (training drops incomplete batches); "
                               "lower data.batch_size or data.val_size")
-        return self._loader(ds, shuffle=True, drop_last=True)
+        # one order per (global seed, epoch), cut into one share per process, as Lightning's DistributedSampler
+        shares = getattr(self.trainer, "distributed_sampler_kwargs", None) or {}
+        return ResumableLoader(ds, self.batch_size, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+                               num_replicas=shares.get("num_replicas", 1), rank=shares.get("rank", 0),
+                               num_workers=self.num_workers, pin_memory=self.pin_memory,
+                               persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
         ds = self._require(self.val_dataset, "validation")

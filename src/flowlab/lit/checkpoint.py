@@ -67,11 +67,13 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(e, OSError) and _disk_full(e, path) is not e:
+            raise _disk_full(e, path) from e
         raise
     _fsync_dir(folder)
     for stale in folder.glob(f".{path.name}.tmp-*"):
@@ -95,12 +97,49 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
+def continue_epoch(checkpoint: dict) -> None:
+    """Make Lightning resume a checkpoint written when fit ended (``on_train_end``: max_steps, max_time) where an
+    uninterrupted run goes on. Lightning counts the epoch of such a checkpoint as finished: after its last batch,
+    it would start the next epoch with the batch count already full (cutting it short); inside an epoch, it would
+    start a new epoch instead of the rest of this one."""
+    fit = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = fit.get("epoch_progress", {}), fit.get("epoch_loop.batch_progress", {})
+    current = batches.get("current", {})
+    if not (epochs and current and len(set(epochs["current"].values())) == 1 and len(set(current.values())) == 1
+            and epochs["current"]["completed"] > 0 and current["completed"] > 0):
+        return
+    if batches.get("is_last_batch"):
+        batches["current"], batches["is_last_batch"] = dict.fromkeys(current, 0), False
+    else:
+        for part in ("current", "total"):
+            epochs[part] = {k: v - 1 for k, v in epochs[part].items()}
+
+
 def resume_candidates(run_dir: str | Path) -> list[Path]:
-    """The checkpoints a run can resume from, newest first: ``checkpoints/last.ckpt`` and the
-    ``hpc_ckpt_<n>.ckpt`` files Lightning writes into the run directory when SLURM asks it to requeue."""
+    """The checkpoints a run can resume from, in the order to try them: ``checkpoints/last*.ckpt`` (Lightning
+    writes ``last-v<n>.ckpt`` beside a ``last.ckpt`` it did not write, e.g. in a moved run directory) and the
+    ``hpc_ckpt_<n>.ckpt`` files of a SLURM requeue, newest first; then ``step_*.ckpt``, highest step first."""
     run_dir = Path(run_dir)
-    found = [p for p in [run_dir / CHECKPOINT_DIRNAME / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    last = [p for p in [*(run_dir / CHECKPOINT_DIRNAME).glob("last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+            if p.is_file()]
+    steps = sorted((p for p in (run_dir / CHECKPOINT_DIRNAME).glob("step_*.ckpt") if p.is_file()),
+                   key=lambda p: p.name, reverse=True)
+    return sorted(last, key=lambda p: p.stat().st_mtime_ns, reverse=True) + steps
+
+
+def _disk_full(e: OSError, path: Path) -> OSError:
+    """ENOSPC as one line naming the path and the free space (the previous file of that name is intact)."""
+    import errno
+    import shutil
+
+    if e.errno != errno.ENOSPC:
+        return e
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointError(f"no space left on the device to write {path} ({free} in {path.parent}); the previous "
+                           "checkpoint of that name is intact. Free some space, then run the same command again")
 
 
 def resolve_checkpoint(path: str | Path, key: str = "ckpt_path") -> Path:
@@ -124,6 +163,15 @@ def resolve_checkpoint(path: str | Path, key: str = "ckpt_path") -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", key: str = "ckpt_path") -> dict[str, Any]:
     """The checkpoint dict, loaded without executing code; CheckpointError for anything else."""
     p = resolve_checkpoint(path, key)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{key}={p} could not be read: {e}") from e
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
+        raise CheckpointError(f"{key}={p} is not a checkpoint: " + ("the file is empty" if not head else
+                              f"the file is not a PyTorch checkpoint (it starts with {head!r})")
+                              + "; give a .ckpt written by flowlab-train")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

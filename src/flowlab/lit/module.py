@@ -211,6 +211,12 @@ class FlowModule(pl.LightningModule):
         self.train_bpd = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)  # float64 sums; NaN stays NaN
         self.val_bpd = KeyedBitsPerDim()  # keyed by (image index, draw): DistributedSampler's repeats count once
         self.test_bpd = KeyedBitsPerDim()
+        # a class-conditional flow reports -log2 p(x|y)/D as */bpd_cond (never */bpd) and, with a classifier on its
+        # top latent (model.y_weight > 0), the class accuracy */y_acc; the loss is Glow's bits_x + y_weight · bits_y
+        self.conditional = bool(getattr(self.flow, "y_condition", False))
+        self.bpd_name = "bpd_cond" if self.conditional else "bpd"
+        self.classifies = self.conditional and getattr(self.flow.top_prior, "classifier", None) is not None
+        self.train_acc, self.val_acc, self.test_acc = MeanMetric(), KeyedBitsPerDim(), KeyedBitsPerDim()
         self._noise_gen: torch.Generator | None = None
         self._needs_init: bool | None = None
         self.skipped_steps = 0  # non-finite steps skipped in this run (saved in checkpoints)
@@ -234,11 +240,11 @@ class FlowModule(pl.LightningModule):
 
     # ---- dequantisation -------------------------------------------------------------------------
     def _train_noise_generator(self) -> torch.Generator:
+        """Seeded from (seed, rank, step) at every step: a resumed run draws the noise an uninterrupted one would."""
         if self._noise_gen is None or self._noise_gen.device != self.device:
-            seed = (int(self.hparams.seed) * 1_000_003 + 7919 * int(self.global_rank)
-                    + int(self.global_step)) % (2**63 - 1)
-            self._noise_gen = torch.Generator(device=self.device).manual_seed(seed)
-        return self._noise_gen
+            self._noise_gen = torch.Generator(device=self.device)
+        seed = ((int(self.hparams.seed) * 65_537 + int(self.global_rank)) << 32) + int(self.global_step)
+        return self._noise_gen.manual_seed(seed % (2**63 - 1))
 
     def dequantize_train(self, x: torch.Tensor) -> torch.Tensor:
         """Fresh U[0, 1/2^n_bits) noise on the preprocessed batch (different on every process)."""
@@ -291,9 +297,7 @@ class FlowModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._train_coupling_dtype = self._resolve_coupling_dtype()
-        self._noise_gen = None  # re-seed from (seed, rank, step): a resumed run continues with new noise
         self._needs_init = None
-        self._skip_streak = 0
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = self.dequantize_train(batch[0])
@@ -304,17 +308,26 @@ class FlowModule(pl.LightningModule):
         if fast:  # only inside the training forward: backward follows the dtypes autocast recorded
             set_dtype(self._train_coupling_dtype)
         try:
-            bpd = self.flow.bits_per_dim(x)
+            bpd, logits = self._bits(self.flow, x, batch[1])
         finally:
             if fast:
                 set_dtype(None)
         loss = bpd.mean()
+        if logits is not None:  # openai/glow: bits_y = cross-entropy / ln 2 per image, weighted by y_weight
+            loss = loss + self.flow.y_weight * nn.functional.cross_entropy(logits.float(), batch[1]) / math.log(2)
+            self.train_acc((logits.argmax(1) == batch[1]).float())
+            self.log("train/y_acc", self.train_acc, on_step=True, on_epoch=False)
         self._step_loss = loss.detach()
         self.train_bpd(bpd.detach())
-        self.log("train/bpd", self.train_bpd, on_step=True, on_epoch=False, prog_bar=True)
+        self.log(f"train/{self.bpd_name}", self.train_bpd, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch, batch_idx: int, metric: KeyedBitsPerDim, draws: range) -> None:
+    def _bits(self, flow: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bits/dim [B] (given the labels ``y`` for a class-conditional flow) and its class logits (or None)."""
+        return flow.bits_and_logits(x, y) if self.conditional else (flow.bits_per_dim(x), None)
+
+    def _eval_step(self, batch, batch_idx: int, metric: KeyedBitsPerDim, draws: range,
+                   accuracy: KeyedBitsPerDim | None = None) -> None:
         """Per-image bits/dim of a ``(x, y, index)`` batch into ``metric``, keyed by (index, draw)."""
         if not isinstance(batch, (tuple, list)) or len(batch) < 3:
             got = f"has {len(batch)} item(s)" if isinstance(batch, (tuple, list)) else f"is a {type(batch).__name__}"
@@ -325,16 +338,23 @@ class FlowModule(pl.LightningModule):
         flow = self.eval_flow
         for draw in draws:
             key = index.to(torch.int64) * _MAX_DRAWS + int(draw)
-            metric.update(flow.bits_per_dim(self.dequantize_eval(x, index, draw)), key)
+            bpd, logits = self._bits(flow, self.dequantize_eval(x, index, draw), batch[1])
+            metric.update(bpd, key)
+            if logits is not None:
+                accuracy.update((logits.argmax(1) == batch[1]).double(), key)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.val_bpd, range(1))
-        self.log("val/bpd", self.val_bpd, on_step=False, on_epoch=True, prog_bar=True)
+        self._eval_step(batch, batch_idx, self.val_bpd, range(1), self.val_acc)
+        self.log(f"val/{self.bpd_name}", self.val_bpd, on_step=False, on_epoch=True, prog_bar=True)
+        if self.classifies:
+            self.log("val/y_acc", self.val_acc, on_step=False, on_epoch=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, self.test_bpd,
-                        range(self.eval_draw_offset, self.eval_draw_offset + self.eval_draws))
-        self.log("test/bpd", self.test_bpd, on_step=False, on_epoch=True)
+                        range(self.eval_draw_offset, self.eval_draw_offset + self.eval_draws), self.test_acc)
+        self.log(f"test/{self.bpd_name}", self.test_bpd, on_step=False, on_epoch=True)
+        if self.classifies:
+            self.log("test/y_acc", self.test_acc, on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
         optimizer = self._make_optimizer(self.flow.parameters())
@@ -390,9 +410,14 @@ class FlowModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["skipped_steps"] = int(self.skipped_steps)
+        checkpoint["skip_streak"] = int(self._skip_streak)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        self._skip_streak = int(checkpoint.get("skip_streak", 0))
+        from flowlab.lit.checkpoint import continue_epoch
+
+        continue_epoch(checkpoint)  # a run stopped by max_steps goes on where an uninterrupted one would
 
     # ---- rebuilding from a checkpoint -----------------------------------------------------------------
     @classmethod

@@ -4,9 +4,12 @@ Non-finite steps (the mechanism lives in :class:`flowlab.lit.module.FlowModule`)
 or global gradient norm is not finite is skipped — its gradients are dropped, so the optimiser
 leaves the weights *and* its own state (Adam's moments, step count) untouched — and counted as
 ``train/skipped_steps``. After ``optim.max_consecutive_skips`` skipped steps in a row the run
-stops: :func:`stop_diverged` writes the weights as they were after the last good step (skipped
-steps do not change them) to ``<checkpoints>/last_good_step_<step>.ckpt`` and raises
-:class:`TrainingDiverged`, which the command line prints as one ``error: ...`` line (exit 2).
+stops: :func:`stop_diverged` writes the weights as they were after the last applied step (skipped
+steps do not change them) and raises :class:`TrainingDiverged`, which the command line prints as one
+``error: ...`` line (exit 2). The weights are checked on fixed validation images first: when they give
+a finite loss the file is ``<checkpoints>/last_good_step_<step>.ckpt``; when they already give a
+non-finite one it is ``diverged_step_<step>.ckpt`` and the message names the newest ``step_*.ckpt``
+whose weights give a finite loss, to continue from.
 
 :class:`InvertibilityMonitor`, a callback: every N optimiser steps, the largest reconstruction
 error ``max|decode(encode(x)) − x|`` of the trained weights on a fixed batch (logged as
@@ -29,7 +32,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from flowlab.errors import UserError, check_int, check_number
-from flowlab.lit.images import fixed_images, reconstruct
+from flowlab.lit.images import eval_mode, fixed_images, reconstruct
 
 __all__ = ["TrainingDiverged", "InvertibilityWarning", "InvertibilityMonitor", "stop_diverged", "checkpoint_dir",
            "mixing_weights"]
@@ -54,11 +57,37 @@ def checkpoint_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.default_root_dir) / "checkpoints"
 
 
+def _finite_loss(module, batch) -> bool:
+    """Whether ``module``'s trained weights give a finite loss on ``batch`` (fixed images, evaluation noise)."""
+    x, index = batch
+    with eval_mode(module.flow):
+        x = module.dequantize_eval(x.to(module.device), index.to(module.device))
+        return bool(torch.isfinite(module.flow.bits_per_dim(x)).all())
+
+
+def _newest_finite(folder: Path, before: int, batch) -> Path | None:
+    """The newest ``step_*.ckpt`` in ``folder`` from before step ``before`` whose weights give a finite loss."""
+    from flowlab.errors import CheckpointError
+    from flowlab.lit.checkpoint import module_from_checkpoint
+
+    for path in sorted(folder.glob("step_*.ckpt"), reverse=True):
+        try:
+            module, ckpt, _ = module_from_checkpoint(path)
+        except CheckpointError:
+            continue
+        if int(ckpt.get("global_step", before)) < before and _finite_loss(module, batch):
+            return path
+    return None
+
+
 def stop_diverged(trainer: pl.Trainer, streak: int, total: int) -> None:
-    """Save the last good state and raise :class:`TrainingDiverged` (on every process, at the same step)."""
+    """Save the state training stopped in, named by whether its weights give a finite loss, and raise
+    :class:`TrainingDiverged` (on every process, at the same step)."""
     step = int(trainer.global_step)
     good = step - streak
-    path = checkpoint_dir(trainer) / f"last_good_step_{step:07d}.ckpt"
+    batch = fixed_images(trainer.datamodule, 8) if trainer.datamodule is not None else None
+    finite = batch is None or _finite_loss(trainer.lightning_module, batch)
+    path = checkpoint_dir(trainer) / f"{'last_good' if finite else 'diverged'}_step_{step:07d}.ckpt"
     tmp = path.with_name(f".{path.name}.tmp")
     saved = True
     try:
@@ -72,11 +101,19 @@ def stop_diverged(trainer: pl.Trainer, streak: int, total: int) -> None:
         error = f"{type(e).__name__}: {e}"
     where = (f"The weights of the last good step (step {good}; skipped steps leave weights and optimiser state "
              f"unchanged) are in {path}" if saved else f"Saving the last good state to {path} failed ({error})")
+    if not finite:
+        older = _newest_finite(path.parent, good, batch)
+        where = (f"The weights of step {good} already give a non-finite loss on validation images ("
+                 + (f"kept in {path} for inspection" if saved else f"saving them to {path} failed: {error}") + "); "
+                 + (f"the newest saved weights that give a finite loss are in {older}" if older else
+                    "no saved checkpoint of this run gives a finite loss"))
+    go_on = f"Continue from that state with ckpt_path={path} and" if finite else (
+        f"Continue from them with ckpt_path={older} and" if older else "Start a new run with")
     raise TrainingDiverged(
         f"training stopped at step {step}: the last {streak} optimiser steps all had a non-finite loss or "
         f"gradient and were skipped (optim.max_consecutive_skips={streak}; {total} skipped in all). {where}. "
-        f"Continue from that state with ckpt_path={path} and a lower optim.optimizer.lr, a longer "
-        "optim.scheduler.warmup_steps or a tighter optim.grad_clip, or start a new run with model.coupling=additive")
+        f"{go_on} a lower optim.optimizer.lr, a longer optim.scheduler.warmup_steps or a tighter optim.grad_clip, "
+        "or start a new run with model.coupling=additive")
 
 
 # ---- invertibility monitor ---------------------------------------------------------------------------------------
