@@ -14,10 +14,11 @@ from hydra.core.global_hydra import GlobalHydra
 
 from flowlab.cli._hydra import run_hydra
 from flowlab.cli.eval import evaluate
+from flowlab.cli.ood import ood
 from flowlab.cli.sample import sample
 from flowlab.cli.train import train
 
-TASKS = {"train": train, "eval": evaluate, "sample": sample}
+TASKS = {"train": train, "eval": evaluate, "sample": sample, "ood": ood}
 #: overrides that keep a run's console output short
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 

@@ -22,6 +22,7 @@ Formats:
                      <root>/{train_<r>x<r>, valid_<r>x<r>}/<i>.png
   write_celebahq     <root>/<i>.png|jpg (natural order = split order)
   write_idx          <root>/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+  write_svhn         <root>/{train_32x32,test_32x32}.mat: MATLAB v5, "X" uint8 [32, 32, 3, N], "y" [N, 1] in 1..10
 Damage: truncate(path), garbage(path), write_idx(..., magic=...) for a wrong magic number.
 """
 
@@ -41,6 +42,7 @@ __all__ = [
     "write_imagenet_png",
     "write_celebahq",
     "write_idx",
+    "write_svhn",
     "write_all",
     "truncate",
     "garbage",
@@ -182,12 +184,29 @@ def write_idx(root, n_train: int = 60, n_test: int = 20, gz: bool = True, seed: 
     return out
 
 
+# ---- SVHN .mat ------------------------------------------------------------------------------------------
+def write_svhn(root, n_train: int = 30, n_test: int = 12, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``train_32x32.mat`` and ``test_32x32.mat`` in ``root`` as the official release (label 10 = digit 0, and
+    every label 1..10 occurs when n >= 10); returns ``{split: (images [N, 3, 32, 32], labels 1..10 [N])}``."""
+    import scipy.io
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        images = random_images(n, 3, 32, s)
+        labels = (np.arange(n) % 10 + 1).astype(np.uint8)
+        scipy.io.savemat(root / f"{split}_32x32.mat", {"X": images.transpose(2, 3, 1, 0), "y": labels[:, None]})
+        out[split] = (images, labels)
+    return out
+
+
 # ---- everything at once ------------------------------------------------------------------------------
 def write_all(data_dir, seed: int = 0) -> Path:
     """Every dataset small, in the folders ``conf/data`` expects under ``paths.data_dir``:
     cifar-10-batches-py/, imagenet32/ and imagenet64/ (van den Oord PNG folders),
     imagenet32_chrabaszcz/ (npz, release subfolders) and imagenet64_chrabaszcz/ (npz),
-    celebahq256/ (20 PNGs, 256x256), mnist/ and fashion-mnist/ (gzipped IDX). Returns data_dir.
+    celebahq256/ (20 PNGs, 256x256), mnist/ and fashion-mnist/ (gzipped IDX), svhn/ (.mat). Returns data_dir.
     With ``SMALL_OVERRIDES`` every ``data=<choice>`` trains for at least one batch."""
     d = Path(data_dir)
     write_cifar10(d, n_train=40, n_test=10, seed=seed)
@@ -198,6 +217,7 @@ def write_all(data_dir, seed: int = 0) -> Path:
     write_celebahq(d / "celebahq256", n=20, size=256, seed=seed)
     write_idx(d / "mnist", n_train=40, n_test=10, seed=seed)
     write_idx(d / "fashion-mnist", n_train=40, n_test=10, seed=seed)
+    write_svhn(d / "svhn", n_train=40, n_test=10, seed=seed)
     return d
 
 

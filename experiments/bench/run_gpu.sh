@@ -68,11 +68,11 @@ for stage in $STAGES; do
     bench) log "bench: $MODELS, training defaults (timeout ${half}s)"
       bench "$half" --models "$MODELS" || { log "bench failed or timed out"; status=1; } ;;
     plain) log "plain: $MODELS without the fast path (timeout ${half}s)"
-      bench "$half" --models "$MODELS" --plain --no-layers || { log "plain failed or timed out"; status=1; } ;;
+      bench "$half" --models "$MODELS" --plain --no-layers --no-memory || { log "plain failed or timed out"; status=1; } ;;
     all) log "all: every model (timeout ${half}s)"
-      bench "$half" --models all --no-layers || { log "all failed or timed out"; status=1; } ;;
+      bench "$half" --models all --no-layers --no-memory || { log "all failed or timed out"; status=1; } ;;
     check) log "check: bits/dim, training defaults vs float32 (timeout $(left)s)"
-      bench "$(left)" --models none --no-layers --check ${CHECK_STEPS} || { log "check failed or timed out"; status=1; } ;;
+      bench "$(left)" --models none --no-layers --no-memory --check ${CHECK_STEPS} || { log "check failed or timed out"; status=1; } ;;
     *) log "unknown stage '$stage' (known: env bench plain all check)"; status=2 ;;
   esac
 done

@@ -149,7 +149,7 @@ def test_experiments_compose_with_paper_settings(experiment, tmp_path):
     FlowModule(TINY, build.container(cfg.optim))  # the experiment's optimiser settings, on a small model
     assert {type(c).__name__ for c in build.instantiate_callbacks(cfg)} >= {"StepCheckpoint", "ThroughputMonitor"}
     paper = {"paper_cifar10": ("cifar10", 32, 3, 64, 8), "paper_imagenet32": ("imagenet32", 48, 3, 64, 8),
-             "paper_imagenet64": ("imagenet64", 48, 4, 64, 8), "paper_celebahq256": ("celebahq256", 32, 6, 1, 5)}
+             "paper_imagenet64": ("imagenet64", 48, 4, 64, 8), "paper_celebahq256": ("celebahq256", 32, 6, 64, 5)}
     if experiment in paper:
         data, K, L, batch, n_bits = paper[experiment]
         assert cfg.hydra.runtime.choices.data == data
@@ -157,6 +157,7 @@ def test_experiments_compose_with_paper_settings(experiment, tmp_path):
         assert cfg.optim.optimizer.lr == 1e-3 and cfg.optim.optimizer._target_ == "torch.optim.Adam"
         assert cfg.model.permutation == "nxn" and cfg.model.hidden_channels == 512
         assert flow.K == K and flow.L == L
+        assert flow.memory_saving == ("invertible" if data == "celebahq256" else "none")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -96,6 +96,11 @@ def markdown(r: dict) -> str:
                  *(f"{v:,}" if isinstance(v, int) else f"{v:.3f} ms" for v in (c["nxn"], c["other"])),
                  "yes" if c["holds"] else "no"]
                 for c in r["layers"]["claims"]])]
+    if r.get("memory"):
+        from flowlab.bench.memory import markdown as memory_markdown
+
+        out += ["### Training memory by model.memory_saving (nxn; activation = kept for backward)", "",
+                memory_markdown(r["memory"]), ""]
     if c := r.get("check"):
         out += [f"### bits/dim: training defaults vs strict float32 ({c['model']}, batch {c['batch']}, {c['images']} "
                 "synthetic images; same initial weights and batches)", *_table(

@@ -18,6 +18,7 @@ from flowlab.flows import EmergingConv, InvertibleConv1x1, InvertibleNxNConv
 
 from . import core
 from .core import RATIO_MODEL, REFERENCE, SAMPLING_PAIR, Preset, build, per_call, quartiles, rates
+from .memory import KS, memory_table
 
 CPU_RATIO_GOAL, GPU_IMAGES_PER_S_GOAL, SAMPLING_GOAL, CHECK_TOLERANCE = 2.0, 8000.0, 0.9, 0.01
 LAYERS = {  # as Glow builds them (flowlab.flows.glow.PERMUTATIONS), beside a standard convolution
@@ -167,6 +168,11 @@ def goals(r: dict, p: Preset, device: torch.device) -> list[dict]:
         (f"sampling speed, {' / '.join(SAMPLING_PAIR)} (alternating rounds)",
          r.get("sampling") and r["sampling"]["ratio"]["median"], SAMPLING_GOAL)]
     out = [{"goal": g, "value": v, "target": f"≥ {t:,g}", "met": v >= t} for g, v, t in speeds if v]
+    for m in (m for m in r.get("memory") or () if m["K"] == 32 and m["memory_saving"] == "invertible"):
+        out += [{"goal": "K=32: invertible / none activation memory", "value": m["activation_vs_none"], "target": "≤ 0.25",
+                 "met": m["activation_vs_none"] <= 0.25},
+                {"goal": "K=32: invertible / none step time", "value": m["time_vs_none"], "target": "≤ 1.5",
+                 "met": m["time_vs_none"] <= 1.5}]
     if c := r.get("check"):
         out.append({"goal": f"bits/dim, training defaults − float32, after {c['points'][-1]['step']} of "
                             f"{c['steps']} steps", "value": c["difference"],
@@ -175,7 +181,7 @@ def goals(r: dict, p: Preset, device: torch.device) -> list[dict]:
 
 
 def run(p: Preset, device: torch.device, models: list[str], result: dict, *, plain: bool = False,
-        layers: bool = True, check_steps: int = 0, on_progress=None) -> dict:
+        layers: bool = True, memory: bool = True, check_steps: int = 0, on_progress=None) -> dict:
     """Everything asked for, into ``result``; ``on_progress(result)`` after every part, so that a run cut
     short keeps what it measured."""
     def done(key: str, value) -> None:
@@ -195,6 +201,7 @@ def run(p: Preset, device: torch.device, models: list[str], result: dict, *, pla
         ("ratio", {RATIO_MODEL, REFERENCE} <= set(models), lambda: paired(RATIO_MODEL, REFERENCE, p, device, plain)),
         ("sampling", set(SAMPLING_PAIR) <= set(models), lambda: paired(*SAMPLING_PAIR, p, device, plain, sample=True)),
         ("layers", layers, lambda: bench_layers(p, device)),
+        ("memory", memory, lambda: memory_table(str(device), p.name, ks=(p.K,) if p.name == "quick" else KS)),
         ("check", check_steps, lambda: bpd_check(p, device, check_steps, on_point=lambda c: done("check", c))))
     for key, wanted, measure in parts:
         if wanted:

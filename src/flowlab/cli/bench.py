@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--models", default="all", help="comma-separated models (an unknown name lists them), all or none")
     p.add_argument("--no-layers", action="store_true", help="skip the layer table and the paper's layer claims")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory table (none/checkpoint/invertible)")
     p.add_argument("--check", type=int, nargs="?", const=-1, default=0, metavar="STEPS",
                    help="also run the bits/dim check for STEPS steps (bare --check: the preset's length)")
     p.add_argument("--plain", action="store_true", help="flowlab without the fast path: "
@@ -51,12 +52,13 @@ def run(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     check = preset.check_steps if args.check == -1 else args.check
-    env, kind = report.environment(device, ["flowlab-bench", *argv]), "check" if check and not models and args.no_layers \
-        else "bench"
+    env = report.environment(device, ["flowlab-bench", *argv])
+    kind = "check" if check and not models and args.no_layers and args.no_memory else "bench"
     paths = report.output_paths(args.out, f"{kind}_{preset.name}_{device.type}{'_plain' * args.plain}_{env['time_utc']}")
     result = {"schema": "flowlab-bench/2", "env": env, "preset": preset._asdict(), "plain": args.plain,
               "optim": core.configs(core.RATIO_MODEL, preset, args.plain)[1]}
-    suite.run(preset, device, models, result, plain=args.plain, layers=not args.no_layers, check_steps=check,
+    suite.run(preset, device, models, result, plain=args.plain, layers=not args.no_layers,
+              memory=not args.no_memory, check_steps=check,
               on_progress=lambda r: report.write(r, paths))
     print(report.markdown(result))
     print(f"results: {paths[0]}  {paths[1]}", file=sys.stderr)

@@ -83,19 +83,20 @@ def evaluate(cfg: DictConfig) -> float:
         module.eval_draws = 1
         module.eval_draw_offset = draw
         results = trainer.test(module, datamodule=run.datamodule, verbose=False)
-        per_draw.append(float(results[0]["test/bpd"]) if results else math.nan)
+        per_draw.append(float(results[0][f"test/{module.bpd_name}"]) if results else math.nan)
     bpd = sum(per_draw) / len(per_draw)
 
     if trainer.is_global_zero:
         out_dir = build.output_dir("results.json")
-        record = {f"{run.split}/bpd": bpd, "draws": run.draws, "per_draw": per_draw, "checkpoint": str(run.path),
+        key = f"{run.split}/{module.bpd_name}"  # */bpd_cond for a class-conditional model: -log2 p(x|y)/D
+        record = {key: bpd, "draws": run.draws, "per_draw": per_draw, "checkpoint": str(run.path),
                   "eval_seed": int(module.hparams.eval_seed), "use_ema": module.use_ema and module.ema is not None,
                   "global_step": int(run.ckpt.get("global_step", -1)), "data": run.data_line}
         (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"checkpoint: {run.path} (step {record['global_step']}), {run.split} set, {run.draws} draw(s)",
               flush=True)
         print(f"run directory: {out_dir}", flush=True)
-        print(f"{run.split}/bpd={bpd:.6f}", flush=True)
+        print(f"{key}={bpd:.6f}", flush=True)
     return bpd
 
 

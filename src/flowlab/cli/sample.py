@@ -4,7 +4,8 @@
 
 Writes ``samples_T<t>.png`` for each temperature (``sample.n_samples`` images, ``sample.nrow`` per
 row) and ``reconstructions.png`` (``sample.reconstructions`` test images, each followed by
-decode(encode(x)), as the paper's Figure 1) into the run directory
+decode(encode(x)), as the paper's Figure 1) into the run directory; a class-conditional model writes
+``samples_T<t>_class<c>.png``, one grid per class of ``sample.classes`` (null: every class) instead,
 ``${paths.output_dir}/samples/${run_name}``. The model comes from the checkpoint alone; the data
 (only read for reconstructions) from the config.
 """
@@ -20,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from flowlab.cli._hydra import run_hydra
-from flowlab.errors import check_bool, check_int
+from flowlab.errors import ConfigError, check_bool, check_int
 
 __all__ = ["main", "prepare", "sample", "SampleRun"]
 
@@ -36,6 +37,7 @@ class SampleRun:
     n_samples: int
     nrow: int | None
     seed: int
+    classes: list[int] | None  # None: the model is not class-conditional
     datamodule: Any  # None when no reconstructions are drawn (then no data is read)
     n_reconstructions: int
     device: torch.device
@@ -59,11 +61,29 @@ def prepare(cfg: DictConfig) -> SampleRun:
     module, ckpt, path = module_from_checkpoint(cfg.ckpt_path)
     if use_ema is not None:
         module.use_ema = use_ema
+    classes = _classes(build.container(s.get("classes")), module.flow)
     if datamodule is not None:  # read (and check) the data before drawing anything
         build.check_data_fits_model(datamodule, ckpt["hyper_parameters"]["model"], f"checkpoint {path}")
         build.prepare_data(datamodule, ("test",))
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
-    return SampleRun(module, ckpt, path, temperatures, n_samples, nrow, seed, datamodule, n_rec, device)
+    return SampleRun(module, ckpt, path, temperatures, n_samples, nrow, seed, classes, datamodule, n_rec, device)
+
+
+def _classes(classes, flow) -> list[int] | None:
+    """The classes to draw: ``sample.classes`` checked against the model (None for a model that is not class-conditional)."""
+    n = getattr(flow, "n_classes", None) if getattr(flow, "y_condition", False) else None
+    if n is None:
+        if classes is not None:
+            raise ConfigError(f"sample.classes={classes!r} is not allowed: the checkpoint's model is not "
+                              "class-conditional (model.y_condition=false); leave sample.classes=null")
+        return None
+    if classes is None:
+        return list(range(n))
+    if not isinstance(classes, list) or not classes or any(isinstance(c, bool) or not isinstance(c, int)
+                                                           or not 0 <= c < n for c in classes):
+        raise ConfigError(f"sample.classes={classes!r} is not allowed: give a list of classes of the model, "
+                          f"integers from 0 to {n - 1}, e.g. 'sample.classes=[0,1,2]'")
+    return classes
 
 
 def sample(cfg: DictConfig) -> list[str]:
@@ -79,9 +99,10 @@ def sample(cfg: DictConfig) -> list[str]:
 
     written = []
     for t in run.temperatures:
-        x = sample_images(flow, run.n_samples, t, seed=run.seed)
-        written.append(str(save_grid(image_grid(x, module.n_bits, nrow=run.nrow),
-                                     out_dir / f"samples_{temperature_tag(t)}.png")))
+        for c in run.classes or [None]:  # a grid per class of a class-conditional model, from the same latents
+            x = sample_images(flow, run.n_samples, t, seed=run.seed, y=c)
+            name = f"samples_{temperature_tag(t)}" + ("" if c is None else f"_class{c}")
+            written.append(str(save_grid(image_grid(x, module.n_bits, nrow=run.nrow), out_dir / f"{name}.png")))
     rec_err = None
     if run.datamodule is not None:
         ds = run.datamodule.test_dataset
@@ -93,8 +114,8 @@ def sample(cfg: DictConfig) -> list[str]:
         written.append(str(save_grid(pair_grid(x, rec, module.n_bits), out_dir / "reconstructions.png")))
 
     record = {"checkpoint": str(run.path), "global_step": int(run.ckpt.get("global_step", -1)),
-              "temperatures": run.temperatures, "n_samples": run.n_samples, "seed": run.seed, "files": written,
-              "reconstruction_max_abs_error": rec_err}
+              "temperatures": run.temperatures, "classes": run.classes, "n_samples": run.n_samples, "seed": run.seed,
+              "files": written, "reconstruction_max_abs_error": rec_err}
     (out_dir / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
     for f in written:
         print(f"wrote {f}", flush=True)

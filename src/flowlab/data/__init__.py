@@ -16,6 +16,7 @@ from flowlab.data.cifar import CIFAR10DataModule
 from flowlab.data.datasets import ImageFileDataset, TensorImageDataset
 from flowlab.data.imagenet import ImageNetDownsampledDataModule
 from flowlab.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from flowlab.data.svhn import SVHNDataModule
 from flowlab.data.transforms import dequantize, postprocess, preprocess, reduce_bits
 
 DATAMODULES: dict[str, type[FlowDataModule]] = {
@@ -27,6 +28,7 @@ DATAMODULES: dict[str, type[FlowDataModule]] = {
     "celebahq256": CelebAHQDataModule,
     "mnist": MNISTDataModule,
     "fashion_mnist": FashionMNISTDataModule,
+    "svhn": SVHNDataModule,
 }
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "CelebAHQDataModule",
     "MNISTDataModule",
     "FashionMNISTDataModule",
+    "SVHNDataModule",
     "reduce_bits",
     "preprocess",
     "dequantize",

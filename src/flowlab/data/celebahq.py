@@ -40,10 +40,11 @@ class CelebAHQDataModule(FlowDataModule):
 
     def __init__(self, root, batch_size: int = 1, num_workers: int = 4, pin_memory: bool = False,
                  n_bits: int = 5, hflip: bool = False, val_size: int | float = 1000, seed: int = 0,
-                 image_size: int | None = 256, channels: int | None = 3, skip_corrupt: bool = False):
+                 image_size: int | None = 256, channels: int | None = 3, skip_corrupt: bool = False,
+                 n_classes: int | None = None):
         super().__init__(root, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          n_bits=n_bits, hflip=hflip, val_size=val_size, seed=seed, image_size=image_size,
-                         channels=channels)
+                         channels=channels, n_classes=n_classes)
         check_bool("data.skip_corrupt", skip_corrupt)
         self.skip_corrupt = skip_corrupt
         self._parts: tuple[list[Path], list[Path]] | None = None

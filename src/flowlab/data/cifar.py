@@ -81,10 +81,10 @@ class CIFAR10DataModule(FlowDataModule):
 
     def __init__(self, root, download: bool = False, batch_size: int = 64, num_workers: int = 0,
                  pin_memory: bool = False, n_bits: int = 8, hflip: bool = False, val_size: int | float = 5000,
-                 seed: int = 0, image_size: int | None = 32, channels: int | None = 3):
+                 seed: int = 0, image_size: int | None = 32, channels: int | None = 3, n_classes: int | None = None):
         super().__init__(root, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          n_bits=n_bits, hflip=hflip, val_size=val_size, seed=seed, image_size=image_size,
-                         channels=channels)
+                         channels=channels, n_classes=n_classes)
         check_bool("data.download", download)
         self.download = download
 

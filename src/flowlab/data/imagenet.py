@@ -69,12 +69,11 @@ class ImageNetDownsampledDataModule(FlowDataModule):
     on) or "chrabaszcz" (npz batches, labels 0..999; a different, not comparable data set)."""
 
     native_channels = 3
-    num_classes = 1000
 
     def __init__(self, root, resolution: int = 32, release: str = "oord", batch_size: int = 64,
                  num_workers: int = 4, pin_memory: bool = False, n_bits: int = 8, hflip: bool = False,
                  val_size: int | float = 10000, seed: int = 0, image_size: int | None = None,
-                 channels: int | None = 3):
+                 channels: int | None = 3, n_classes: int | None = None):
         if resolution not in RESOLUTIONS or isinstance(resolution, bool):
             raise ConfigError(f"data.resolution={resolution!r} is not allowed: it must be 32 or 64 "
                               "(data=imagenet32 or data=imagenet64)")
@@ -87,9 +86,10 @@ class ImageNetDownsampledDataModule(FlowDataModule):
         self.native_image_size = self.resolution
         self.name = f"imagenet{self.resolution}" + ("_chrabaszcz" if release == "chrabaszcz" else "")
         self.form = RELEASES[release]
+        self.num_classes = 1000 if release == "chrabaszcz" else 1  # the PNG release has no labels
         super().__init__(root, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          n_bits=n_bits, hflip=hflip, val_size=val_size, seed=seed, image_size=image_size,
-                         channels=channels)
+                         channels=channels, n_classes=n_classes)
         self._found: tuple | None = None
 
     # ---- locating the files --------------------------------------------------------------------

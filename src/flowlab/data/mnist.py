@@ -70,10 +70,10 @@ class _IDXDataModule(FlowDataModule):
 
     def __init__(self, root, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  n_bits: int = 8, hflip: bool = False, val_size: int | float = 5000, seed: int = 0,
-                 image_size: int | None = 28, channels: int | None = 1):
+                 image_size: int | None = 28, channels: int | None = 1, n_classes: int | None = None):
         super().__init__(root, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          n_bits=n_bits, hflip=hflip, val_size=val_size, seed=seed, image_size=image_size,
-                         channels=channels)
+                         channels=channels, n_classes=n_classes)
 
     def _search_dirs(self) -> list[Path]:
         """Folders tried in order: root, root/raw, and torchvision's root/<Dataset>/raw."""

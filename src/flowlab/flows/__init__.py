@@ -6,6 +6,7 @@ Every layer: ``forward(x) -> (y, logdet[B])`` and ``inverse(y) -> x``.
 from .actnorm import ActNorm
 from .base import MultiScaleFlow, StandardSplit, check_image_size
 from .batchnorm import InvertibleBatchNorm
+from .conditional import ConditionalTopPrior, LinearZeros
 from .conv1x1 import InvertibleConv1x1
 from .coupling import AdditiveCoupling, AffineCoupling, CouplingNet, ZeroConv2d
 from .emerging import EmergingConv, MaskedConv
@@ -19,7 +20,8 @@ from .resnet import ResNet, WNConv2d
 from .shift import InvertibleShift
 
 __all__ = [
-    "ActNorm", "AdditiveCoupling", "AffineCoupling", "COUPLINGS", "ChannelPermutation", "CouplingNet",
+    "ActNorm", "AdditiveCoupling", "AffineCoupling", "COUPLINGS", "ChannelPermutation", "ConditionalTopPrior",
+    "CouplingNet", "LinearZeros",
     "EmergingConv", "FlowStep", "Glow", "InvertibleConv1x1", "InvertibleNxNConv", "InvertibleShift",
     "MaskedConv", "MultiScaleFlow", "PERMUTATIONS", "RealNVP", "ChannelCoupling", "CheckerboardCoupling",
     "Reverse", "Shuffle", "SplitPrior", "Squeeze", "TopPrior", "ZeroConv2d",

@@ -5,7 +5,8 @@ of a flow step are one 1×1 convolution ``y = A x + c`` with a data-independent 
 all K steps' ``(A, c)`` on stacked parameters turns K times a few dozen tiny weight operations
 (forward and backward) into one set, and two passes over the activations into one matrix product:
 about a tenth of a CPU training step. The map is exactly that of the layers' own ``forward``
-(:class:`flowlab.flows.glow.FlowStep`); a test checks values and gradients in float64.
+(:class:`flowlab.flows.glow.FlowStep`); a test checks values and gradients in float64. The steps run in
+:func:`flowlab.flows.memory.encode_steps` (with any ``memory_saving``).
 """
 
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ import torch
 
 from .conv1x1 import InvertibleConv1x1
 from .nxn import InvertibleNxNConv
-from .utils import bounded_log_scale, in_accumulation_dtype, per_sample, pointwise_conv
+from .utils import bounded_log_scale, in_accumulation_dtype
 
 
 def _conv1x1(layer: torch.nn.Module) -> InvertibleConv1x1 | None:
@@ -25,7 +26,7 @@ def _conv1x1(layer: torch.nn.Module) -> InvertibleConv1x1 | None:
 
 
 def applies(steps: Sequence[torch.nn.Module]) -> bool:
-    """Whether :func:`encode_steps` runs these steps: initialised ActNorms, then 1×1 or n×n convolutions
+    """Whether :func:`compose` applies to these steps: initialised ActNorms, then 1×1 or n×n convolutions
     of one kind and one form (plain or LU), as Glow builds them."""
     convs = [_conv1x1(s.permutation) for s in steps]
     return (all(c is not None and c.lu == convs[0].lu for c in convs)
@@ -45,8 +46,9 @@ def _stacked_conv1x1(convs: Sequence[InvertibleConv1x1]) -> tuple[torch.Tensor, 
     return torch.stack([c.P for c in convs]) @ lower @ upper, in_accumulation_dtype(log_s).sum(dim=1)
 
 
-def encode_steps(steps: Sequence[torch.nn.Module], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K flow steps on ``h``, their ActNorm + mixing layer applied as composed 1×1 convolutions."""
+def compose(steps: Sequence[torch.nn.Module], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K steps' ActNorm + mixing layer as 1×1 convolutions ``x ↦ A_k x + c_k``: (A [K, C, C], c [K, C], their
+    summed log-det over an H×W image, a scalar)."""
     weight, logabsdet = _stacked_conv1x1([_conv1x1(s.permutation) for s in steps])
     bias = None
     if isinstance(steps[0].permutation, InvertibleNxNConv):  # S: x ↦ α·x + β, then W
@@ -63,10 +65,5 @@ def encode_steps(steps: Sequence[torch.nn.Module], h: torch.Tensor) -> tuple[tor
     composed_bias = (weight @ shift.unsqueeze(2)).squeeze(2)
     if bias is not None:
         composed_bias = composed_bias + bias
-    composed = weight * scale.unsqueeze(1)
-    height, width = h.shape[2], h.shape[3]
-    logdet = per_sample(height * width * (in_accumulation_dtype(logs).sum() + logabsdet.sum()), h)
-    for step, a, c in zip(steps, composed.unbind(0), composed_bias.unbind(0)):
-        h, ld = step.coupling(pointwise_conv(h, a, c))
-        logdet = logdet + ld
-    return h, logdet
+    return weight * scale.unsqueeze(1), composed_bias, height * width * (in_accumulation_dtype(logs).sum() + logabsdet.sum())
+

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from . import fused
+from . import fused, memory
 from .actnorm import ActNorm
 from .base import MultiScaleFlow
 from .conv1x1 import InvertibleConv1x1
@@ -70,6 +70,12 @@ class Glow(MultiScaleFlow):
     ``fused`` (True unless set otherwise): encode a level's ActNorm + 1×1 / n×n conv pairs as composed
     1×1 convolutions (:mod:`flowlab.flows.fused`), the same map, faster; False runs every layer's own
     ``forward``. Decoding always runs the layers' own ``inverse``.
+
+    ``memory_saving``: what training keeps for backward, ``"none"`` (every activation), ``"checkpoint"`` (each
+    flow step's input; recomputed) or ``"invertible"`` (nothing inside a level: reconstructed through the exact
+    inverse); the same gradients, see :mod:`flowlab.flows.memory`.
+
+    ``y_condition``, ``n_classes``, ``y_weight``: Glow's class-conditional prior (see :class:`MultiScaleFlow`).
     """
 
     def __init__(
@@ -87,6 +93,10 @@ class Glow(MultiScaleFlow):
         nxn_conv1x1: str = "plain",
         edge_bias: bool = False,
         actnorm_logscale_factor: float = 1.0,
+        y_condition: bool = False,
+        n_classes: int | None = None,
+        y_weight: float = 0.01,
+        memory_saving: str = "none",
     ):
         if permutation not in PERMUTATIONS:
             raise ConfigError(f"model.permutation={permutation!r} is unknown; allowed: {', '.join(PERMUTATIONS)}")
@@ -100,10 +110,12 @@ class Glow(MultiScaleFlow):
                 or not actnorm_logscale_factor > 0:
             raise ConfigError(f"model.actnorm_logscale_factor={actnorm_logscale_factor!r} is not allowed: "
                               "it must be a number > 0 (openai/glow uses 3, 1 is the plain ActNorm)")
-        super().__init__(in_channels, image_size, K, L, hidden_channels, n_bits)
+        super().__init__(in_channels, image_size, K, L, hidden_channels, n_bits, y_condition=y_condition,
+                         n_classes=n_classes, y_weight=y_weight)
         self.permutation, self.coupling = permutation, coupling
         self.edge_bias = edge_bias
         self.fused = True
+        self.memory_saving = memory.check_mode(memory_saving)
 
         shape = (in_channels, *self.image_size)
         for _ in range(L):
@@ -114,11 +126,9 @@ class Glow(MultiScaleFlow):
         self.finish(shape, learn_top)
 
     def _encode_level(self, layers: nn.ModuleList, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squeeze, then the K flow steps; with ``fused``, where :func:`.fused.applies`, the steps' ActNorm
-        and 1×1 / n×n conv run as composed 1×1 convolutions (:mod:`flowlab.flows.fused`)."""
+        """Squeeze, then the K flow steps as ``memory_saving`` says (:func:`.memory.encode_steps`); with ``fused``,
+        where :func:`.fused.applies`, their ActNorm and 1×1 / n×n conv run as composed 1×1 convolutions."""
         steps = list(layers[1:])
-        if not (self.fused and fused.applies(steps)):
-            return super()._encode_level(layers, h)
         h, logdet = layers[0](h)
-        h, ld = fused.encode_steps(steps, h)
+        h, ld = memory.encode_steps(steps, h, self.memory_saving, self.fused and fused.applies(steps))
         return h, logdet + ld

@@ -77,5 +77,6 @@ class TopPrior(nn.Module):
         self.mean = nn.Parameter(torch.zeros(1, channels, 1, 1), requires_grad=learn)
         self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1), requires_grad=learn)
 
-    def forward(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, shape: torch.Size, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std expanded to ``shape``; ``y`` is not used (see :mod:`flowlab.flows.conditional`)."""
         return self.mean.expand(shape), self.logs.expand(shape)

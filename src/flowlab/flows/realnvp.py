@@ -40,6 +40,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import memory
 from .base import MultiScaleFlow, check_int
 from .batchnorm import InvertibleBatchNorm
 from .logit import Logit
@@ -156,6 +157,10 @@ class RealNVP(MultiScaleFlow):
         learn_top: learn a per-channel mean and scale of the top latent (the paper: N(0, I), False).
         num_blocks: residual blocks per s/t network.
         logit_alpha: α of the logit preprocessing (the paper's 0.05).
+        y_condition, n_classes, y_weight: Glow's class-conditional top prior (not in the paper; see
+            :class:`~flowlab.flows.base.MultiScaleFlow`).
+        memory_saving: ``"none"`` or ``"checkpoint"`` (:mod:`flowlab.flows.memory`); not ``"invertible"``: the
+            batch norms invert with their running averages, not the batch statistics a training step used.
     """
 
     def __init__(
@@ -169,13 +174,19 @@ class RealNVP(MultiScaleFlow):
         n_bits: int = 8,
         num_blocks: int = 4,
         logit_alpha: float = 0.05,
+        y_condition: bool = False,
+        n_classes: int | None = None,
+        y_weight: float = 0.01,
+        memory_saving: str = "none",
     ):
         check_int("model.num_blocks", num_blocks, 1)
+        memory_saving = memory.check_mode(memory_saving, ("none", "checkpoint"), " for RealNVP (its batch norms "
+                                          "invert with running averages, not the training batch's statistics)")
         logit = Logit(logit_alpha)
         super().__init__(in_channels, image_size, K, L, hidden_channels, n_bits, squeezes=L - 1,
-                         split_prior="standard")
+                         split_prior="standard", y_condition=y_condition, n_classes=n_classes, y_weight=y_weight)
         self.permutation = "realnvp"
-        self.num_blocks, self.logit_alpha = num_blocks, logit_alpha
+        self.num_blocks, self.logit_alpha, self.memory_saving = num_blocks, logit_alpha, memory_saving
 
         def normed(coupling: nn.Module, channels: int) -> list[nn.Module]:
             return [coupling, InvertibleBatchNorm(channels, affine=False)]

@@ -17,12 +17,14 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ThroughputMon
 
 from flowlab.errors import ConfigError, check_int
 from flowlab.lit.images import (
+    cycled_labels,
     fixed_images,
     image_grid,
     log_grid,
     pair_grid,
     reconstruct,
     sample_images,
+    sample_rows,
     save_grid,
     temperature_tag,
 )
@@ -101,24 +103,32 @@ class _EveryNSteps(Callback):
 class SampleGrid(_EveryNSteps):
     """A grid of ``n_samples`` samples at each temperature: ``<out_dir>/step_<step>_T<t>.png`` and key ``samples/T<t>``.
 
-    The latents come from a fixed ``seed``, so grids of different steps show the same draws.
+    The latents come from a fixed ``seed``, so grids of different steps show the same draws. A class-conditional
+    model's grid has a row per class (the first ``max_classes``), ``n_samples // rows`` images each.
     """
 
     config_key = "samples"
 
     def __init__(self, out_dir: str | Path, every_n_steps: int = 1000, temperatures: Sequence[float] = (0.0, 0.5, 0.7, 1.0),
-                 n_samples: int = 64, seed: int = 0):
+                 n_samples: int = 64, seed: int = 0, max_classes: int = 10):
         super().__init__(out_dir, every_n_steps)
         self.temperatures = check_temperatures(list(temperatures), "callbacks.samples.temperatures")
         self.n_samples = check_int("callbacks.samples.n_samples", n_samples, 1)
+        self.max_classes = check_int("callbacks.samples.max_classes", max_classes, 1)
         self.seed = int(seed)
 
     def _draw(self, trainer, pl_module, step: int) -> None:
         flow = pl_module.eval_flow
         grids, captions = [], []
+        classes = range(min(flow.n_classes, self.max_classes, self.n_samples)) \
+            if getattr(pl_module, "conditional", False) else None
         for t in self.temperatures:
-            x = sample_images(flow, self.n_samples, t, seed=self.seed)
-            grid = image_grid(x, pl_module.n_bits)
+            if classes is None:
+                grid = image_grid(sample_images(flow, self.n_samples, t, seed=self.seed), pl_module.n_bits)
+            else:
+                per_class = self.n_samples // len(classes)
+                x = sample_rows(flow, classes, per_class, t, seed=self.seed)
+                grid = image_grid(x, pl_module.n_bits, nrow=per_class)
             save_grid(grid, self.out_dir / f"step_{step:07d}_{temperature_tag(t)}.png")
             grids.append(grid)
             captions.append(temperature_tag(t))
@@ -181,11 +191,12 @@ class SampleSpeed(Callback):
         if not trainer.is_global_zero or trainer.global_step == 0:
             return
         flow = pl_module.eval_flow
-        sample_images(flow, min(4, self.n_samples), 1.0, seed=0)  # warm-up
+        n = min(4, self.n_samples)
+        sample_images(flow, n, 1.0, seed=0, y=cycled_labels(flow, n))  # warm-up
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         t = time.perf_counter()
-        sample_images(flow, self.n_samples, 1.0, seed=1)
+        sample_images(flow, self.n_samples, 1.0, seed=1, y=cycled_labels(flow, self.n_samples))
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         rate = self.n_samples / max(time.perf_counter() - t, 1e-9)

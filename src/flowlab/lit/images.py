@@ -17,8 +17,8 @@ from torchvision.utils import make_grid, save_image
 
 from flowlab.data.transforms import postprocess
 
-__all__ = ["fixed_images", "eval_mode", "sample_images", "reconstruct", "pair_grid", "image_grid", "save_grid", "log_grid",
-           "temperature_tag"]
+__all__ = ["fixed_images", "eval_mode", "sample_images", "sample_rows", "cycled_labels", "reconstruct", "pair_grid",
+           "image_grid", "save_grid", "log_grid", "temperature_tag"]
 
 
 def fixed_images(datamodule, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -54,15 +54,28 @@ def _fork_rng(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
-def sample_images(flow: nn.Module, n: int, temperature: float, seed: int | None = None) -> torch.Tensor:
-    """``n`` samples at ``temperature`` (model space); with ``seed`` the same every call, leaving the global RNG alone."""
+def sample_images(flow: nn.Module, n: int, temperature: float, seed: int | None = None, y=None) -> torch.Tensor:
+    """``n`` samples at ``temperature`` (model space), of class ``y`` (an int or ``n`` labels) for a class-conditional
+    flow; with ``seed`` the same every call, leaving the global RNG alone."""
     device = next(flow.parameters()).device
+    kwargs = {} if y is None else {"y": y}
     with eval_mode(flow):
         if seed is None:
-            return flow.sample(n, temperature=temperature).float()
+            return flow.sample(n, temperature=temperature, **kwargs).float()
         with _fork_rng(device):
             torch.manual_seed(seed)
-            return flow.sample(n, temperature=temperature).float()
+            return flow.sample(n, temperature=temperature, **kwargs).float()
+
+
+def sample_rows(flow: nn.Module, classes, per_class: int, temperature: float, seed: int | None = None) -> torch.Tensor:
+    """``per_class`` samples of each class of a class-conditional flow, a row per class; with ``seed`` every row
+    draws the same latents, so the rows differ only by their class."""
+    return torch.cat([sample_images(flow, per_class, temperature, seed, y=int(c)) for c in classes])
+
+
+def cycled_labels(flow: nn.Module, n: int) -> torch.Tensor | None:
+    """Labels 0, 1, ... (cycling) for ``n`` samples of a class-conditional flow; None for any other flow."""
+    return torch.arange(n) % flow.n_classes if getattr(flow, "y_condition", False) else None
 
 
 def reconstruct(flow: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
