@@ -1,4 +1,4 @@
-"""Glow's class-conditional top prior (flowlab.flows.conditional) and the class-conditional models built on it."""
+"""Glow's class-conditional top prior (flows.multiscale.ConditionalTopPrior) and the class-conditional models built on it."""
 
 import math
 
@@ -179,20 +179,20 @@ def test_the_training_loss_is_bits_x_plus_y_weight_times_bits_y():
 
 
 def test_data_configs_state_their_classes_and_the_data_checks_them(tmp_path):
-    from flowlab import data as fd
     from flowlab.cli._build import check_data_fits_model
+    from tests.settings import datamodule
 
-    assert fd.CIFAR10DataModule(tmp_path, n_classes=10).num_classes == 10
+    assert datamodule("cifar10", tmp_path, n_classes=10).num_classes == 10
     with pytest.raises(ConfigError, match=r"data.n_classes=5 does not match cifar10, which has labels of 10 classes"):
-        fd.CIFAR10DataModule(tmp_path, n_classes=5)
+        datamodule("cifar10", tmp_path, n_classes=5)
     with pytest.raises(ConfigError, match=r"data.n_classes=10 does not match celebahq256, which has no labels"):
-        fd.CelebAHQDataModule(tmp_path, n_classes=10)
-    assert fd.ImageNetDownsampledDataModule(tmp_path, release="chrabaszcz", n_classes=1000).num_classes == 1000
-    png = fd.ImageNetDownsampledDataModule(tmp_path, release="oord", n_classes=None)
+        datamodule("celebahq256", tmp_path, n_classes=10)
+    assert datamodule("imagenet32_chrabaszcz", tmp_path, n_classes=1000).num_classes == 1000
+    png = datamodule("imagenet32", tmp_path, n_classes=None)
     assert png.num_classes == 1
     # a class-conditional checkpoint refuses data without labels, or with another number of classes
     model_hp = {"in_channels": 3, "image_size": 32, "n_bits": 8, "y_condition": True, "n_classes": 10}
     with pytest.raises(ConfigError, match=r"class-conditional over 10 classes but data=imagenet32 has no labels"):
         check_data_fits_model(png, model_hp, "checkpoint x")
-    check_data_fits_model(fd.CIFAR10DataModule(tmp_path), model_hp, "checkpoint x")
+    check_data_fits_model(datamodule("cifar10", tmp_path), model_hp, "checkpoint x")
     check_data_fits_model(png, {**model_hp, "y_condition": False}, "checkpoint x")

@@ -1,13 +1,9 @@
 """Batch normalisation as an invertible flow layer (RealNVP, Dinh et al., 2017, section 3.7).
 
-Per channel, ``y = (x − μ) / sqrt(σ² + ε) · exp(log γ) + β`` with log-det
-``H·W · Σ_c [log γ_c − ½ log(σ²_c + ε)]`` per sample (the paper's eq. 18: the Jacobian of one
-sample's map with the statistics held at their values). Training mode uses the batch's statistics
-(biased variance; gradients flow through them, as through ``tf.nn.moments`` in the reference) and
-updates running averages with momentum 0.1; evaluation mode uses the running averages. The inverse
-always uses the running averages: the exact inverse of the evaluation-mode map, which is what
-decoding and sampling see. Under ``torch.distributed`` the statistics are those of the global
-batch (a differentiable all-reduce), so every process normalises alike.
+Per channel ``y = (x − μ) / sqrt(σ² + ε) · exp(log γ) + β``, log-det ``H·W · Σ_c [log γ_c − ½ log(σ²_c + ε)]`` per
+sample (eq. 18: one sample's Jacobian with the statistics held at their values). Training mode uses the batch's
+statistics (biased variance, differentiable as ``tf.nn.moments``; of the global batch under ``torch.distributed``)
+and updates running averages (momentum 0.1); evaluation mode and every inverse use the running averages.
 """
 
 import torch
@@ -18,8 +14,8 @@ from .utils import in_accumulation_dtype, per_sample
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes, differentiable: the gradient of a sum is the sum of the gradients
-    (what ``torch.distributed.nn.functional.all_reduce`` does, without its deprecation warning)."""
+    """Differentiable sum over processes (``torch.distributed.nn.functional.all_reduce`` without its deprecation
+    warning): the gradient of a sum is the sum of the gradients."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
@@ -29,20 +25,14 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+        return _AllReduceSum.forward(ctx, grad)
 
 
 def batch_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` [B, C, H, W] over (B, H, W), each [C], in float32
-    (float64 stays float64); over the global batch under ``torch.distributed`` (differentiable)."""
+    """Per-channel mean and biased variance of ``x`` [B, C, H, W], each [C], in float32 (float64 stays); over the
+    global batch under ``torch.distributed`` (differentiable)."""
     x = in_accumulation_dtype(x)
-    if not distributed():
+    if not (dist.is_available() and dist.is_initialized()):
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
         return mean, var
     count = x.new_full((1,), float(x.numel() // x.shape[1]))
@@ -54,22 +44,16 @@ def batch_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class InvertibleBatchNorm(nn.Module):
-    """Batch normalisation with its log-det (see the module docstring for the maths and the modes).
-
-    ``affine``: learn ``log γ`` and ``β`` per channel (initialised to 0, i.e. the plain
-    normalisation). RealNVP's paper and code normalise without them (``affine=False``).
-    """
+    """Batch normalisation with its log-det (module docstring); ``affine``: learn ``log γ`` and ``β`` per channel
+    (starting at 0); RealNVP's paper and code normalise without them (``affine=False``)."""
 
     def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-4, affine: bool = True):
         super().__init__()
         self.momentum, self.eps = float(momentum), float(eps)
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
-        if affine:
-            self.log_gamma = nn.Parameter(torch.zeros(channels))
-            self.beta = nn.Parameter(torch.zeros(channels))
-        else:
-            self.log_gamma = self.beta = None
+        self.log_gamma = nn.Parameter(torch.zeros(channels)) if affine else None
+        self.beta = nn.Parameter(torch.zeros(channels)) if affine else None
 
     def _scale_shift(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The map as ``y = a·x + b`` per channel: (a, b, log a), each [C], in the statistics' dtype."""
@@ -77,10 +61,11 @@ class InvertibleBatchNorm(nn.Module):
         if self.log_gamma is not None:
             log_a = log_a + in_accumulation_dtype(self.log_gamma).to(var.dtype)
         a = torch.exp(log_a)
-        b = -mean * a
-        if self.beta is not None:
-            b = b + in_accumulation_dtype(self.beta).to(var.dtype)
+        b = -mean * a if self.beta is None else -mean * a + in_accumulation_dtype(self.beta).to(var.dtype)
         return a, b, log_a
+
+    def _running(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return in_accumulation_dtype(self.running_mean), in_accumulation_dtype(self.running_var)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:
@@ -89,13 +74,13 @@ class InvertibleBatchNorm(nn.Module):
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
                 self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)
         else:
-            mean, var = in_accumulation_dtype(self.running_mean), in_accumulation_dtype(self.running_var)
+            mean, var = self._running()
         a, b, log_a = self._scale_shift(mean, var)
         y = in_accumulation_dtype(x) * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
         return y.to(x.dtype), per_sample(x.shape[2] * x.shape[3] * log_a.sum(), x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        a, b, _ = self._scale_shift(in_accumulation_dtype(self.running_mean), in_accumulation_dtype(self.running_var))
+        a, b, _ = self._scale_shift(*self._running())
         return ((in_accumulation_dtype(y) - b.view(1, -1, 1, 1)) / a.view(1, -1, 1, 1)).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -1,27 +1,24 @@
 """Emerging convolutions (Hoogeboom, van den Berg & Welling, ICML 2019), as in ``ehoogeboom/emerging``.
 
-At every flow step (their ``flow_permutation == 3``): ``z → 1×1 invertible conv W → square
-autoregressive conv K₁ → its flipped mirror K₂ → + bias``. For an effective receptive field k (odd),
-r = (k − 1)/2, K₁ keeps only the bottom-right (r+1)×(r+1) quadrant of a k×k kernel (output (i, j)
-reads pixels (i + a, j + b), a, b ∈ 0..r) and at the centre tap the channels ``in ≤ out``; K₂ is the
-same mask flipped on all four axes (``mask[::-1, ::-1, ::-1, ::-1]``: pixels (i − a, j − b), channels
-``in ≥ out``), with independent weights. As their ``forward_fast``, only the quadrant is stored and
-applied: a q×q convolution, q = r + 1, after zero-padding by r. K₂∘K₁ then reads exactly the k×k
-window. Both Jacobians are triangular, so ``log|det| = H·W·(Σ log|d₁| + Σ log|d₂| + log|det W|)``
-with d the centre diagonals. Initialisation as their ``stable_init``: kernel entries N(0, 0.02²)
-plus the identity on the centre tap, bias 0, W random orthogonal.
+A flow step's mixing (their ``flow_permutation == 3``): ``z → 1×1 invertible conv W → square autoregressive conv
+K₁ → its flipped mirror K₂ → + bias``. For a receptive field k (odd), r = (k − 1)/2, K₁ keeps the bottom-right
+(r+1)×(r+1) quadrant of a k×k kernel (output (i, j) reads pixels (i + a, j + b), a, b ∈ 0..r) and at the centre
+tap the channels ``in ≤ out``; K₂ is that mask flipped on all four axes (pixels (i − a, j − b), channels
+``in ≥ out``), with its own weights. As their ``forward_fast``, only the q×q quadrant (q = r + 1) is stored and
+applied after zero-padding by r; K₂∘K₁ reads exactly the k×k window. Both Jacobians are triangular:
+``log|det| = H·W·(Σ log|d₁| + Σ log|d₂| + log|det W|)`` with d the centre diagonals. Initialisation as their
+``stable_init``: kernel entries N(0, 0.02²) plus the identity on the centre tap, bias 0, W random orthogonal.
 
-The inverse is exact and vectorised: K₂ is solved in order of the anti-diagonal t = i + j (K₁ in
-reverse), all pixels of one anti-diagonal at once, ``x_p = C⁻¹ y_p − Σ_t (C⁻¹ K_t) x_{p+offset_t}``
-with C the centre tap: ``H + W − 1`` steps per masked conv, the fewest possible for q ≥ 2.
-``C⁻¹`` and ``C⁻¹K_t`` are formed in float64.
+The inverse solves K₂ (K₁ in reverse) one anti-diagonal t = i + j at a time, all its pixels at once:
+``x_p = C⁻¹ y_p − Σ_t (C⁻¹ K_t) x_{p+offset_t}`` with C the centre tap (formed in float64), ``H + W − 1`` steps.
 
-Deliberate differences from the reference: the centre diagonal is ``sign·exp(clamp(log_d, ±7))``
-(same initial distribution, but it can never reach 0, where the reference's raw weight can); the
-inverse runs on the input's device and is differentiable (theirs: a float64 Cython loop on the CPU,
-no gradient); log-dets are accumulated in float32/float64; no dilation option. ``lu`` selects the
-1×1 form; their training commands use the plain matrix, as Glow's ``permutation="emerging"`` does.
+Differences from the reference: the centre diagonal is ``sign·exp(clamp(log_d, ±7))`` (it can never reach 0,
+theirs can); the inverse runs on the input's device and is differentiable (theirs: a float64 Cython loop on the
+CPU); log-dets are accumulated in float32/float64; no dilation. ``lu`` selects the 1×1 form; their training
+commands use the plain matrix, as Glow's ``permutation="emerging"`` does.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,45 +32,34 @@ INIT_STD = 0.02
 
 
 def quadrant_mask(channels: int, size: int, flipped: bool = False) -> torch.Tensor:
-    """[C_out, C_in, q, q] mask of a square autoregressive convolution, q = ``size``.
-
-    Unflipped (the reference's K₁): every tap of the q×q quadrant, whose centre is tap [0, 0], is
-    kept; at the centre only ``in < out`` (the diagonal is parameterised apart). Flipped (K₂): the
-    same mask flipped along all four axes, as ``mask[::-1, ::-1, ::-1, ::-1]`` in the reference:
-    centre tap [q−1, q−1], channels ``in > out``.
-    """
+    """[C_out, C_in, q, q] mask of a square autoregressive convolution, q = ``size``: every tap, but at the centre
+    (tap [0, 0]) only ``in < out`` (the diagonal is parameterised apart); ``flipped``: the reference's
+    ``mask[::-1, ::-1, ::-1, ::-1]`` (centre [q−1, q−1], ``in > out``)."""
     mask = torch.ones(channels, channels, size, size)
     mask[:, :, 0, 0] = torch.tril(torch.ones(channels, channels), -1)
     return mask.flip(0, 1, 2, 3) if flipped else mask
 
 
-class _Schedule:
-    """The wavefront order of one masked conv's inverse on an H×W image.
+class _Schedule(NamedTuple):
+    """The wavefront order of one masked conv's inverse on an H×W image: ``order`` (raster pixel indices in solve
+    order), ``rank`` (its inverse permutation) and per wavefront ``(start, stop, neighbours)``: the pixels
+    ``order[start:stop]`` are solved together; ``neighbours`` holds, per pixel and non-centre tap, ``1 + rank`` of the
+    pixel the tap reads, or 0 outside the image (row 0 of the solution buffer is zero)."""
 
-    ``order``: raster pixel indices in solve order; ``rank``: its inverse permutation. ``steps``:
-    ``(start, stop, neighbours)`` per wavefront: the pixels ``order[start:stop]`` are solved together;
-    ``neighbours`` [(stop−start)·T] holds, per pixel and non-centre tap, ``1 + rank`` of the pixel
-    that tap reads, or 0 where it falls outside the image (row 0 of the solution buffer is zero).
-    """
-
-    def __init__(self, order: torch.Tensor, rank: torch.Tensor, steps: list[tuple[int, int, torch.Tensor]]):
-        self.order, self.rank, self.steps = order, rank, steps
+    order: torch.Tensor
+    rank: torch.Tensor
+    steps: list[tuple[int, int, torch.Tensor]]
 
 
 class MaskedConv(nn.Module):
-    """A square autoregressive q×q convolution (q = ``kernel_size``), Emerging's building block.
-
-    Unflipped: output (i, j) reads input pixels (i + a, j + b), a, b ∈ 0..q−1 (zero padding at the
-    bottom/right), and at (i, j) itself channels ``in ≤ out``. ``flipped``: the mirror, pixels
-    (i − a, j − b) (zero padding at the top/left) and channels ``in ≥ out``. Triangular Jacobian:
-    log-det ``H·W·Σ_c log|d_c|`` with d the centre tap's diagonal. See the module docstring.
-    """
+    """A square autoregressive q×q convolution (q = ``kernel_size``), K₁ or (``flipped``) K₂ of the module docstring;
+    log-det ``H·W·Σ_c log|d_c|`` with d the centre tap's diagonal."""
 
     def __init__(self, channels: int, kernel_size: int = 2, flipped: bool = False):
         super().__init__()
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size (the quadrant's side) must be an integer >= 1, got {kernel_size!r}")
-        self.channels, self.kernel_size, self.flipped = channels, kernel_size, flipped
+        self.kernel_size, self.flipped = kernel_size, flipped
         r = kernel_size - 1
         self.centre = (r, r) if flipped else (0, 0)
         self.padding = (r, 0, r, 0) if flipped else (0, r, 0, r)  # F.pad order: left, right, top, bottom
@@ -105,10 +91,6 @@ class MaskedConv(nn.Module):
         return y, per_sample(self.logdet(x.shape[2], x.shape[3]), x)
 
     # -- exact inverse by wavefront substitution --------------------------------------------
-    def num_steps(self, height: int, width: int) -> int:
-        """Sequential steps of the inverse: one per anti-diagonal, ``H + W − 1`` (1 when q = 1)."""
-        return height + width - 1 if self.kernel_size > 1 else 1
-
     def _schedule(self, height: int, width: int, device: torch.device) -> _Schedule:
         key = (height, width, str(device))
         if key not in self._schedules:
@@ -129,19 +111,15 @@ class MaskedConv(nn.Module):
                 neighbours.append(torch.where(inside, 1 + rank[index], 0))
             neighbours = torch.stack(neighbours, 1) if neighbours else torch.zeros(order.numel(), 0, dtype=torch.long)
             bounds = torch.cumsum(torch.bincount(t), 0).tolist()
-            steps, start = [], 0
-            for stop in bounds:
-                steps.append((start, stop, neighbours[start:stop].flatten().to(device)))
-                start = stop
+            steps = [(start, stop, neighbours[start:stop].flatten().to(device)) for start, stop in zip([0, *bounds[:-1]], bounds)]
             self._schedules[key] = _Schedule(order.to(device), rank.to(device), steps)
         return self._schedules[key]
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         b, c, h, w = y.shape
         kernel = self.kernel().double()
-        upper = self.flipped
         centre_inv = torch.linalg.solve_triangular(kernel[:, :, self.centre[0], self.centre[1]],
-                                                   torch.eye(c, dtype=torch.float64, device=kernel.device), upper=upper)
+                                                   torch.eye(c, dtype=torch.float64, device=kernel.device), upper=self.flipped)
         rhs = torch.matmul(centre_inv.to(y.dtype), y.reshape(b, c, h * w))  # C⁻¹ y, [B, C, HW]
         if not self.taps:
             return rhs.view(b, c, h, w)
@@ -160,10 +138,8 @@ class MaskedConv(nn.Module):
 
 
 class EmergingConv(nn.Module):
-    """Emerging k×k convolution: invertible 1×1 conv → square autoregressive conv → its flipped mirror → bias.
-
-    ``kernel_size`` is the effective receptive field k (odd); each masked conv is (k+1)/2 square.
-    """
+    """Emerging k×k convolution (k = ``kernel_size``, odd): invertible 1×1 conv → square autoregressive (k+1)/2 conv
+    → its flipped mirror → bias."""
 
     def __init__(self, channels: int, kernel_size: int = 3, lu: bool = True):
         super().__init__()
@@ -175,9 +151,6 @@ class EmergingConv(nn.Module):
         self.first = MaskedConv(channels, quadrant, flipped=False)  # the reference's W1
         self.second = MaskedConv(channels, quadrant, flipped=True)  # W2, the flipped mirror
         self.bias = nn.Parameter(torch.zeros(channels))
-
-    def logdet(self, height: int, width: int) -> torch.Tensor:
-        return self.conv1x1.logdet(height, width) + self.first.logdet(height, width) + self.second.logdet(height, width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, ld1 = self.conv1x1(x)

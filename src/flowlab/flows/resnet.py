@@ -1,7 +1,6 @@
-"""RealNVP's s/t network: a residual network with batch and weight normalisation (Dinh et al., 2017,
-sections 3.7 and 4.1), following the released code (tensorflow/models research/real_nvp,
-``resnet`` / ``residual_block`` in ``real_nvp_multiscale_dataset.py``) and the PyTorch port
-chrischute/real-nvp (``models/resnet/resnet.py``, ``models/resnet/residual_block.py``)::
+"""RealNVP's s/t network: a residual network with batch and weight normalisation (Dinh et al., 2017, sections 3.7
+and 4.1), following the released code (``resnet`` / ``residual_block`` in ``real_nvp_multiscale_dataset.py``) and
+chrischute/real-nvp::
 
     h   = BN(x)  (×2 for checkerboard couplings)
     h   = ReLU([h, −h (, mask)])                      concatenated ReLU; the checkerboard mask as a channel
@@ -11,14 +10,10 @@ chrischute/real-nvp (``models/resnet/resnet.py``, ``models/resnet/residual_block
         out = out + conv1×1(h)                          a skip connection from every block
     return conv1×1(ReLU(BN(out)))                      zero-initialised: a new coupling is the identity
 
-Every convolution is weight-normalised, ``w = g · v/‖v‖`` per output channel (Salimans & Kingma, 2016).
-The batch norms learn a shift only (``scale=False`` in the reference), ε = 1e-4, momentum 0.1; they
-use batch statistics in a training-mode forward pass and running averages otherwise (and always
-when a coupling is inverted: see :class:`flowlab.flows.batchnorm.InvertibleBatchNorm`). They are
-per process under DDP (PyTorch's BatchNorm2d behaviour); only the flow's own batch norm is synchronised.
-
-The network runs in its input's dtype (float32 in training: RealNVP has no bfloat16 fast path, and
-``MultiScaleFlow.set_coupling_dtype`` leaves it alone).
+Every convolution is weight-normalised, ``w = g · v/‖v‖`` per output channel (Salimans & Kingma, 2016). The batch
+norms learn a shift only (``scale=False`` in the reference), ε = 1e-4, momentum 0.1, batch statistics in a
+training-mode forward and running averages otherwise (always when a coupling is inverted); per process under DDP,
+as PyTorch's BatchNorm2d. The network runs in its input's dtype (RealNVP has no bfloat16 fast path).
 """
 
 import torch
@@ -29,12 +24,8 @@ from .utils import pointwise_conv
 
 
 class WNConv2d(nn.Module):
-    """Weight-normalised convolution (stride 1, 'same' padding): ``w = g · v / ‖v‖`` per output channel.
-
-    ``v`` starts as PyTorch's default convolution initialisation and ``g`` as ``‖v‖`` (so the initial
-    weight is ``v``), or ``g = 0`` with ``zero=True``; the bias starts at 0. 1×1 convolutions run
-    as matrix products.
-    """
+    """Weight-normalised convolution (stride 1, 'same' padding): ``w = g · v / ‖v‖`` per output channel; ``v`` starts
+    as PyTorch's default initialisation, ``g`` as ``‖v‖`` (or 0 with ``zero``), the bias at 0."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True, zero: bool = False):
         super().__init__()
@@ -44,11 +35,8 @@ class WNConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.padding = kernel_size // 2
 
-    def weight(self) -> torch.Tensor:
-        return self.v * (self.g / self.v.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight().to(x.dtype)
+        w = (self.v * (self.g / self.v.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if w.shape[2] == 1 and w.shape[3] == 1:
             return pointwise_conv(x, w.flatten(1), bias)
@@ -86,17 +74,8 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """The s/t network of a RealNVP coupling (see the module docstring).
-
-    Args:
-        in_channels: channels of the conditioning input.
-        hidden_channels: feature maps of the residual blocks.
-        out_channels: channels of the output (2 × the transformed channels: s and t).
-        num_blocks: residual blocks.
-        double_after_norm: multiply the normalised input by 2 (the reference does for checkerboard couplings).
-        extra_channels: channels of ``extra``, concatenated to the input after the concatenated ReLU
-            (the reference feeds the checkerboard mask this way).
-    """
+    """The s/t network of a RealNVP coupling (module docstring); ``double_after_norm`` and ``extra`` (of
+    ``extra_channels``, after the concatenated ReLU) are the reference's for checkerboard couplings."""
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, num_blocks: int,
                  double_after_norm: bool = False, extra_channels: int = 0):

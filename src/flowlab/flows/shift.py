@@ -9,10 +9,8 @@ from .utils import bounded_log_scale, in_accumulation_dtype, per_sample
 class InvertibleShift(nn.Module):
     """``S(x)_{c,i,j} = α_c · x_{c,i,j} + β_c``; inverse ``(y − β_c) / α_c``; log-det ``H·W·Σ_c log|α_c|``.
 
-    α is parameterised as a fixed sign times ``exp`` of a learned log-magnitude, clamped to
-    ±``LOG_SCALE_BOUND``, so it can never reach 0 (or overflow) however long it is trained.
-    α starts at 1 and β at 0, so a new layer is the identity.
-    """
+    ``α = sign · exp(log|α|)``, the learned log-magnitude clamped to ±``LOG_SCALE_BOUND``: α never reaches 0. A new
+    layer (α = 1, β = 0) is the identity."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -20,15 +18,11 @@ class InvertibleShift(nn.Module):
         self.beta = nn.Parameter(torch.zeros(channels))
         self.register_buffer("sign", torch.ones(channels))
 
-    def log_abs_alpha(self) -> torch.Tensor:
-        return bounded_log_scale(self.log_alpha)
-
     def alpha(self) -> torch.Tensor:
-        return self.sign * torch.exp(self.log_abs_alpha())
+        return self.sign * torch.exp(bounded_log_scale(self.log_alpha))
 
     def logdet(self, height: int, width: int) -> torch.Tensor:
-        """The data-independent log-det as a scalar."""
-        return height * width * in_accumulation_dtype(self.log_abs_alpha()).sum()
+        return height * width * in_accumulation_dtype(bounded_log_scale(self.log_alpha)).sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = x * self.alpha().view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1)

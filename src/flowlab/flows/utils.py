@@ -2,14 +2,12 @@
 
 import torch
 
-#: Bound on learned log-magnitudes that must keep a scale away from 0 (the shift function's α,
-#: Emerging's centre diagonal). |scale| stays within [e^-7, e^7] ≈ [9e-4, 1.1e3], so the layer
-#: remains invertible and finite in float32 whatever the optimiser does to the raw parameter.
+#: Bound on learned log-magnitudes that must keep a scale away from 0 (the shift function's α, Emerging's centre
+#: diagonal, the affine coupling's scale): |scale| ≥ e^-7 ≈ 9e-4, invertible and finite in float32 whatever the optimiser does.
 LOG_SCALE_BOUND = 7.0
 
 
 def bounded_log_scale(raw: torch.Tensor) -> torch.Tensor:
-    """Clamp a learned log-magnitude to ±LOG_SCALE_BOUND."""
     return raw.clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND)
 
 
@@ -19,21 +17,17 @@ def in_accumulation_dtype(t: torch.Tensor) -> torch.Tensor:
 
 
 def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
-    """Sum over every dimension but the first: [B, ...] -> [B]."""
     return x.reshape(x.shape[0], -1).sum(dim=1)
 
 
 def per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a data-independent log-det (a scalar) to one value per sample, [B]."""
+    """A data-independent log-det (a scalar) as one value per sample, [B]."""
     return logdet.expand(x.shape[0])
 
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A 1×1 convolution as one batched matrix product: ``y[b, :, p] = weight @ x[b, :, p] + bias``.
-
-    On CPUs oneDNN's NCHW 1×1 convolution costs about as much as a 3×3 one, the matrix product
-    several times less; on GPUs both are the same cuBLAS GEMM.
-    """
+    """A 1×1 convolution as one batched matrix product, ``y[b, :, p] = weight @ x[b, :, p] + bias``: on CPUs several
+    times cheaper than oneDNN's NCHW 1×1 convolution, on GPUs the same cuBLAS GEMM."""
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
     weight = weight.to(x.dtype)
@@ -42,10 +36,3 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     else:
         y = torch.baddbmm(bias.to(x.dtype).view(1, -1, 1).expand(b, -1, h * w), weight.expand(b, -1, -1), flat)
     return y.view(b, weight.shape[0], h, w)
-
-
-def random_orthogonal(channels: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random orthogonal [C, C] matrix (QR of a Gaussian), Glow's 1×1 initialisation."""
-    q, r = torch.linalg.qr(torch.randn(channels, channels, generator=generator, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar-uniform
-    return q.float()
