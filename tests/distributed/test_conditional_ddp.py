@@ -31,11 +31,11 @@ def test_conditional_ddp_run_equals_one_process(tmp_path):
     assert code == 0, stderr[-4000:]
     assert abs(float(BPD_COND_LINE.findall(stdout)[-1]) - ddp_bpd) < 1e-5
 
-    from flowlab.data import FashionMNISTDataModule
     from flowlab.lit.module import FlowModule
+    from tests.settings import datamodule
 
     module = FlowModule.from_checkpoint(load(run / "checkpoints" / "best.ckpt")).eval()
-    dm = FashionMNISTDataModule(data / "fashion-mnist", val_size=8)
+    dm = datamodule("fashion_mnist", data / "fashion-mnist", val_size=8)
     dm.setup("test")
     x, y, index = (torch.stack([torch.as_tensor(dm.test_dataset[i][k]) for i in range(N_TEST)]) for k in range(3))
     assert len(y) == N_TEST and y.unique().numel() > 1

@@ -25,8 +25,10 @@ from tests.fakedata import (
     write_imagenet_npz,
     write_imagenet_png,
 )
+from tests.settings import datamodule
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
+CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -64,14 +66,14 @@ def test_postprocess_clamps_and_handles_nan():
 @pytest.mark.parametrize("bad", [0, 9, -1, 5.0, True, "8"])
 def test_n_bits_validated_before_touching_disk(bad):
     with pytest.raises(ConfigError) as e:
-        fd.CIFAR10DataModule("/nonexistent/never/read", n_bits=bad)
+        datamodule("cifar10", "/nonexistent/never/read", n_bits=bad)
     msg = str(e.value)
     assert "data.n_bits" in msg and repr(bad) in msg and "1 to 8" in msg
 
 
 def test_init_only_validates_arguments():
-    for cls in (fd.CIFAR10DataModule, fd.MNISTDataModule, fd.CelebAHQDataModule, fd.ImageNetDownsampledDataModule):
-        dm = cls("/nonexistent/never/read")  # no DataError until prepare_data/setup
+    for name in CONFIGS:
+        dm = datamodule(name, "/nonexistent/never/read")  # no DataError until prepare_data/setup
         assert "not read yet" in dm.describe()
 
 
@@ -84,27 +86,27 @@ def test_init_only_validates_arguments():
 def test_bad_arguments_are_config_errors(kwargs, key):
     args = dict(root="/nonexistent") | kwargs
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        fd.CIFAR10DataModule(**args)
+        datamodule("cifar10", **args)
 
 
 def test_imagenet_resolution_and_size_must_agree():
     with pytest.raises(ConfigError, match="data.resolution=48"):
-        fd.ImageNetDownsampledDataModule("/x", resolution=48)
+        datamodule("imagenet32", "/x", resolution=48)
     with pytest.raises(ConfigError, match="data.image_size=64"):
-        fd.ImageNetDownsampledDataModule("/x", resolution=32, image_size=64)
-    dm = fd.ImageNetDownsampledDataModule("/x", resolution=64)
+        datamodule("imagenet32", "/x", image_size=64)
+    dm = datamodule("imagenet64", "/x", image_size=None)  # the size follows the resolution
     assert (dm.image_size, dm.channels, dm.num_classes, dm.name) == (64, 3, 1, "imagenet64")  # PNG release: no labels
     assert dm.release == "oord"
-    assert fd.ImageNetDownsampledDataModule("/x", resolution=32, release="chrabaszcz").name == "imagenet32_chrabaszcz"
+    assert datamodule("imagenet32", "/x", release="chrabaszcz").name == "imagenet32_chrabaszcz"
     with pytest.raises(ConfigError) as e:
-        fd.ImageNetDownsampledDataModule("/x", release="npz")
+        datamodule("imagenet32", "/x", release="npz")
     assert "data.release='npz'" in str(e.value) and "'oord'" in str(e.value) and "'chrabaszcz'" in str(e.value)
 
 
 # ---- CIFAR-10 ---------------------------------------------------------------------------------------------
 def test_cifar10_reads_batches_reduces_bits_and_splits(tmp_path):
     folder = write_cifar10(tmp_path, n_train=40, n_test=12)
-    dm = fd.CIFAR10DataModule(tmp_path, n_bits=5, val_size=10, batch_size=8)
+    dm = datamodule("cifar10", tmp_path, n_bits=5, val_size=10, batch_size=8)
     assert (dm.channels, dm.image_size, dm.num_classes, dm.n_bits) == (3, 32, 10, 5)
     dm.setup("fit")
     dm.setup("test")
@@ -123,7 +125,7 @@ def test_cifar10_reads_batches_reduces_bits_and_splits(tmp_path):
 
 def test_cifar10_accepts_bytes_keys(tmp_path):
     write_cifar10(tmp_path, n_train=10, n_test=5, keys="bytes")
-    dm = fd.CIFAR10DataModule(tmp_path, val_size=0)
+    dm = datamodule("cifar10", tmp_path, val_size=0)
     dm.setup()
     assert len(dm.train_dataset) == 10 and len(dm.test_dataset) == 5
 
@@ -133,7 +135,7 @@ def test_split_is_deterministic_and_independent_of_global_seed(tmp_path):
 
     def split(seed, global_seed, val_size=0.2):
         torch.manual_seed(global_seed)
-        dm = fd.CIFAR10DataModule(tmp_path, val_size=val_size, seed=seed)
+        dm = datamodule("cifar10", tmp_path, val_size=val_size, seed=seed)
         dm.setup("fit")
         return dm.val_dataset.indices.tolist()
 
@@ -145,7 +147,7 @@ def test_split_is_deterministic_and_independent_of_global_seed(tmp_path):
 
 def test_dataloaders_shuffle_and_drop_only_for_training(tmp_path):
     write_cifar10(tmp_path, n_train=40, n_test=10)
-    dm = fd.CIFAR10DataModule(tmp_path, val_size=10, batch_size=4)
+    dm = datamodule("cifar10", tmp_path, val_size=10, batch_size=4)
     dm.setup()
     train = list(dm.train_dataloader())
     assert len(train) == 7 and all(b[0].shape == (4, 3, 32, 32) for b in train)  # 30 -> 7 full batches
@@ -161,25 +163,25 @@ def test_dataloaders_shuffle_and_drop_only_for_training(tmp_path):
     # the order is a function of (seed, epoch): a new one every epoch (Lightning calls set_epoch), the same on resume
     loader, orders = dm.train_dataloader(), []
     for epoch in (0, 1, 2, 0):
-        loader.order.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         orders.append(torch.cat([b[2] for b in loader]))
     assert not all(torch.equal(orders[0], o) for o in orders[1:3]) and torch.equal(orders[0], orders[3])
 
 
 def test_batch_larger_than_training_set_is_config_error(tmp_path):
     write_cifar10(tmp_path, n_train=10, n_test=5)
-    dm = fd.CIFAR10DataModule(tmp_path, val_size=2, batch_size=64)
+    dm = datamodule("cifar10", tmp_path, val_size=2, batch_size=64)
     dm.setup("fit")
     with pytest.raises(ConfigError, match="data.batch_size=64"):
         dm.train_dataloader()
     with pytest.raises(ConfigError, match="data.val_size"):
-        dm2 = fd.CIFAR10DataModule(tmp_path, val_size=10)
+        dm2 = datamodule("cifar10", tmp_path, val_size=10)
         dm2.setup("fit")
 
 
 def test_hflip_only_on_training_images(tmp_path):
     write_cifar10(tmp_path, n_train=20, n_test=5)
-    dm = fd.CIFAR10DataModule(tmp_path, val_size=5, hflip=True)
+    dm = datamodule("cifar10", tmp_path, val_size=5, hflip=True)
     dm.setup()
     for ds in (dm.train_dataset, dm.val_dataset, dm.test_dataset):
         orig = ds.images[int(ds.indices[0])]
@@ -194,7 +196,7 @@ def test_hflip_only_on_training_images(tmp_path):
 
 
 def test_cifar10_missing_gives_one_clear_error(tmp_path):
-    dm = fd.CIFAR10DataModule(tmp_path / "nowhere")
+    dm = datamodule("cifar10", tmp_path / "nowhere")
     with pytest.raises(DataError) as e:
         dm.setup()
     msg = str(e.value)
@@ -202,7 +204,7 @@ def test_cifar10_missing_gives_one_clear_error(tmp_path):
     folder = write_cifar10(tmp_path, n_train=10, n_test=5)
     (folder / "data_batch_4").unlink()
     with pytest.raises(DataError, match="data_batch_4"):
-        fd.CIFAR10DataModule(tmp_path, val_size=2).setup()
+        datamodule("cifar10", tmp_path, val_size=2).setup()
 
 
 @pytest.mark.parametrize("damage, name", [(truncate, "data_batch_3"), (garbage, "test_batch")])
@@ -210,7 +212,7 @@ def test_cifar10_corrupt_batch_named(tmp_path, damage, name):
     folder = write_cifar10(tmp_path, n_train=10, n_test=5)
     damage(folder / name)
     with pytest.raises(DataError, match=str(folder / name)):
-        fd.CIFAR10DataModule(tmp_path, val_size=2).setup()
+        datamodule("cifar10", tmp_path, val_size=2).setup()
 
 
 def test_cifar10_pickle_cannot_run_code(tmp_path):
@@ -224,7 +226,7 @@ def test_cifar10_pickle_cannot_run_code(tmp_path):
     with open(folder / "data_batch_1", "wb") as f:
         pickle.dump({"data": Evil(), "labels": []}, f, protocol=2)
     with pytest.raises(DataError, match="data_batch_1"):
-        fd.CIFAR10DataModule(tmp_path, val_size=2).setup()
+        datamodule("cifar10", tmp_path, val_size=2).setup()
     assert not marker.exists()
 
 
@@ -238,21 +240,21 @@ def test_cifar10_download_only_when_asked_and_missing(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar)
-    fd.CIFAR10DataModule(tmp_path).prepare_data()  # download=False: nothing happens
+    datamodule("cifar10", tmp_path).prepare_data()  # download=False: nothing happens
     assert calls == []
     with pytest.raises(DataError) as e:
-        fd.CIFAR10DataModule(tmp_path, download=True).prepare_data()
+        datamodule("cifar10", tmp_path, download=True).prepare_data()
     assert calls == [str(tmp_path)] and "network unreachable" in str(e.value)
     assert str(tmp_path / "cifar-10-batches-py") in str(e.value)
     write_cifar10(tmp_path, n_train=10, n_test=5)
-    fd.CIFAR10DataModule(tmp_path, download=True).prepare_data()  # present: no download
+    datamodule("cifar10", tmp_path, download=True).prepare_data()  # present: no download
     assert len(calls) == 1
 
 
 # ---- downsampled ImageNet --------------------------------------------------------------------------------
 def _npz_module(root, **kw):
     """The Chrabaszcz et al. npz release (data=imagenet<r>_chrabaszcz)."""
-    return fd.ImageNetDownsampledDataModule(root, release="chrabaszcz", **kw)
+    return datamodule(f"imagenet{kw.pop('resolution', 32)}_chrabaszcz", root, **kw)
 
 
 @pytest.mark.parametrize("resolution, subfolders", [(32, False), (32, True), (64, True)])
@@ -292,8 +294,7 @@ def test_imagenet_ignores_subfolders_of_other_resolution(tmp_path):
 
 def test_imagenet_png_folders(tmp_path):
     write_imagenet_png(tmp_path, 32, n_train=12, n_val=5)
-    dm = fd.ImageNetDownsampledDataModule(tmp_path, resolution=32, val_size=2, n_bits=4, batch_size=4,
-                                          num_workers=0)
+    dm = datamodule("imagenet32", tmp_path, val_size=2, n_bits=4, batch_size=4, num_workers=0)
     dm.setup()
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (10, 2, 5)
     x, y = _all(dm.test_dataset)
@@ -308,7 +309,7 @@ def test_imagenet_png_folders(tmp_path):
 def test_imagenet_each_release_reads_only_its_own_files(tmp_path):
     write_imagenet_png(tmp_path, 32, n_train=5, n_val=2)
     write_imagenet_npz(tmp_path, 32, n_train=9, n_val=4)
-    dm = fd.ImageNetDownsampledDataModule(tmp_path, val_size=0)  # the default: the paper's PNG release
+    dm = datamodule("imagenet32", tmp_path, val_size=0)  # data=imagenet32: the paper's PNG release
     dm.setup()
     assert isinstance(dm.test_dataset, fd.ImageFileDataset) and len(dm.test_dataset) == 2
     assert "van den Oord" in dm.describe() and "valid_32x32" in dm.describe()
@@ -321,7 +322,7 @@ def test_imagenet_each_release_reads_only_its_own_files(tmp_path):
 def test_imagenet_npz_only_is_refused_by_the_paper_release(tmp_path):
     write_imagenet_npz(tmp_path, 32, n_train=9, n_val=4, subfolders=True)
     with pytest.raises(DataError) as e:
-        fd.ImageNetDownsampledDataModule(tmp_path, val_size=0).setup()
+        datamodule("imagenet32", tmp_path, val_size=0).setup()
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path) in msg and "Chrabaszcz" in msg and "not comparable" in msg
     assert "train_32x32/ and valid_32x32/" in msg and "data=imagenet32_chrabaszcz" in msg
@@ -337,20 +338,20 @@ def test_imagenet_png_only_is_refused_by_the_npz_release(tmp_path):
 
 def test_imagenet_missing_and_incomplete(tmp_path):
     with pytest.raises(DataError) as e:
-        fd.ImageNetDownsampledDataModule(tmp_path / "none").setup()
+        datamodule("imagenet32", tmp_path / "none").setup()
     assert str(tmp_path / "none") in str(e.value) and "valid_32x32" in str(e.value)
     with pytest.raises(DataError) as e:
         _npz_module(tmp_path / "none").setup()
     assert str(tmp_path / "none") in str(e.value) and "npz" in str(e.value)
     with pytest.raises(DataError, match="not found in"):
-        fd.ImageNetDownsampledDataModule(tmp_path).setup()  # exists but empty
+        datamodule("imagenet32", tmp_path).setup()  # exists but empty
     with pytest.raises(DataError, match="not found in"):
         _npz_module(tmp_path).setup()
     write_imagenet_png(tmp_path / "p", 32, n_train=2, n_val=1)
     (tmp_path / "p" / "valid_32x32" / "0.png").unlink()
     (tmp_path / "p" / "valid_32x32").rmdir()
     with pytest.raises(DataError, match="no valid_32x32/"):
-        fd.ImageNetDownsampledDataModule(tmp_path / "p").setup()
+        datamodule("imagenet32", tmp_path / "p").setup()
     write_imagenet_npz(tmp_path, 32, n_train=4, n_val=2)
     (tmp_path / "val_data.npz").unlink()
     with pytest.raises(DataError, match="no val_data.npz"):
@@ -376,7 +377,7 @@ def test_imagenet_png_wrong_size_or_damaged_named_when_read(tmp_path):
     write_imagenet_png(tmp_path, 32, n_train=6, n_val=2)
     bad = tmp_path / "valid_32x32" / "1.png"
     Image.new("RGB", (64, 64)).save(bad)
-    dm = fd.ImageNetDownsampledDataModule(tmp_path, val_size=0)
+    dm = datamodule("imagenet32", tmp_path, val_size=0)
     dm.setup("test")
     with pytest.raises(DataError, match=str(bad)):
         dm.test_dataset[1]
@@ -389,7 +390,7 @@ def test_imagenet_png_wrong_size_or_damaged_named_when_read(tmp_path):
 # ---- CelebA-HQ ----------------------------------------------------------------------------------------
 def test_celebahq_split_by_natural_file_order_and_resize(tmp_path):
     write_celebahq(tmp_path, n=20, size=64)
-    dm = fd.CelebAHQDataModule(tmp_path, image_size=32, val_size=3)
+    dm = datamodule("celebahq256", tmp_path, image_size=32, val_size=3, n_bits=5)
     assert dm.n_bits == 5 and dm.image_size == 32 and dm.channels == 3
     dm.setup()
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (15, 3, 2)
@@ -410,7 +411,7 @@ def test_celebahq_native_size_kept_and_jpg_in_subfolders(tmp_path):
     write_celebahq(tmp_path / "a", n=6, size=32, ext="jpg")
     write_celebahq(tmp_path / "b" / "c", n=5, size=32, ext="JPEG", seed=1)
     (tmp_path / "notes.txt").write_text("not an image")
-    dm = fd.CelebAHQDataModule(tmp_path, image_size=32, n_bits=8, val_size=0)
+    dm = datamodule("celebahq256", tmp_path, image_size=32, n_bits=8, val_size=0)
     dm.setup()
     assert len(dm.train_dataset) + len(dm.test_dataset) == 11
     x, _, _ = dm.test_dataset[0]
@@ -421,7 +422,7 @@ def test_celebahq_native_size_kept_and_jpg_in_subfolders(tmp_path):
 def test_celebahq_non_square_and_grey_images(tmp_path):
     write_celebahq(tmp_path, n=4, size=16)
     Image.new("L", (40, 30), color=200).save(tmp_path / "9.png")
-    dm = fd.CelebAHQDataModule(tmp_path, image_size=16, n_bits=8, val_size=0)
+    dm = datamodule("celebahq256", tmp_path, image_size=16, n_bits=8, val_size=0)
     dm.setup("test")
     x, _, _ = dm.test_dataset[0]
     assert [p.name for p in dm.test_dataset.paths] == ["9.png"]
@@ -430,7 +431,7 @@ def test_celebahq_non_square_and_grey_images(tmp_path):
 
 def test_celebahq_hflip_only_on_train(tmp_path):
     write_celebahq(tmp_path, n=10, size=8)
-    dm = fd.CelebAHQDataModule(tmp_path, image_size=8, n_bits=8, val_size=2, hflip=True)
+    dm = datamodule("celebahq256", tmp_path, image_size=8, n_bits=8, val_size=2, hflip=True)
     dm.setup()
     for ds, expect in ((dm.train_dataset, 2), (dm.val_dataset, 1), (dm.test_dataset, 1)):
         assert len({ds[0][0].numpy().tobytes() for _ in range(30)}) == expect
@@ -442,9 +443,9 @@ def test_celebahq_corrupt_named_or_skipped_with_count(tmp_path):
     garbage(paths[12], seed=1)
     paths[19].write_bytes(b"")
     with pytest.raises(DataError) as e:
-        fd.CelebAHQDataModule(tmp_path, image_size=16, val_size=0).setup()
+        datamodule("celebahq256", tmp_path, image_size=16, val_size=0).setup()
     assert str(paths[3]) in str(e.value) and "data.skip_corrupt=true" in str(e.value)
-    dm = fd.CelebAHQDataModule(tmp_path, image_size=16, val_size=2, skip_corrupt=True)
+    dm = datamodule("celebahq256", tmp_path, image_size=16, val_size=2, skip_corrupt=True)
     with pytest.warns(UserWarning, match="skipped 3 unreadable image"):
         dm.setup()
     # the split stays where the file names put it: 18 + 2, minus the skipped ones
@@ -456,12 +457,12 @@ def test_celebahq_damaged_inside_found_when_decoded(tmp_path):
     paths = write_celebahq(tmp_path, n=10, size=32)
     truncate(paths[2], keep=0.6)  # header intact, pixel data cut: passes the scan, fails on decoding
     truncate(paths[9], keep=0.6)  # the only held-out image
-    dm = fd.CelebAHQDataModule(tmp_path, image_size=32, val_size=0)
+    dm = datamodule("celebahq256", tmp_path, image_size=32, val_size=0)
     dm.setup()
     with pytest.raises(DataError) as e:
         dm.train_dataset[2]
     assert str(paths[2]) in str(e.value) and "data.skip_corrupt=true" in str(e.value)
-    dm = fd.CelebAHQDataModule(tmp_path, image_size=32, val_size=0, skip_corrupt=True)
+    dm = datamodule("celebahq256", tmp_path, image_size=32, val_size=0, skip_corrupt=True)
     dm.setup()
     with pytest.warns(UserWarning, match="2.png"):
         x, _, i = dm.train_dataset[2]
@@ -473,19 +474,19 @@ def test_celebahq_damaged_inside_found_when_decoded(tmp_path):
 
 def test_celebahq_missing_or_empty_folder(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path / "none")):
-        fd.CelebAHQDataModule(tmp_path / "none").setup()
+        datamodule("celebahq256", tmp_path / "none").setup()
     with pytest.raises(DataError, match="no .png/.jpg/.jpeg"):
-        fd.CelebAHQDataModule(tmp_path).setup()
+        datamodule("celebahq256", tmp_path).setup()
     write_celebahq(tmp_path, n=1, size=8)
     with pytest.raises(DataError, match="at least 2"):
-        fd.CelebAHQDataModule(tmp_path).setup()
+        datamodule("celebahq256", tmp_path).setup()
 
 
 # ---- MNIST / Fashion-MNIST ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("gz", [True, False])
 def test_mnist_idx_files(tmp_path, gz):
     write_idx(tmp_path, n_train=30, n_test=10, gz=gz)
-    dm = fd.MNISTDataModule(tmp_path, val_size=5, n_bits=3)
+    dm = datamodule("mnist", tmp_path, val_size=5, n_bits=3)
     assert (dm.channels, dm.image_size, dm.num_classes) == (1, 28, 10)
     dm.setup()
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (25, 5, 10)
@@ -497,7 +498,7 @@ def test_mnist_idx_files(tmp_path, gz):
 
 def test_mnist_found_in_torchvision_layout(tmp_path):
     write_idx(tmp_path / "MNIST" / "raw", n_train=10, n_test=4)
-    dm = fd.MNISTDataModule(tmp_path, val_size=0)
+    dm = datamodule("mnist", tmp_path, val_size=0)
     dm.setup()
     assert len(dm.train_dataset) == 10
 
@@ -514,7 +515,7 @@ def test_mnist_bad_idx_named(tmp_path, case):
         write_idx(tmp_path / "other", n_train=9, n_test=4)
         files[target].write_bytes((tmp_path / "other" / (target + ".gz")).read_bytes())
     with pytest.raises(DataError) as e:
-        fd.MNISTDataModule(tmp_path, val_size=0).setup()
+        datamodule("mnist", tmp_path, val_size=0).setup()
     assert str(files[target]) in str(e.value)
     if case == "magic":
         assert "2051" in str(e.value) and "2049" in str(e.value)
@@ -522,7 +523,7 @@ def test_mnist_bad_idx_named(tmp_path, case):
 
 def test_mnist_missing(tmp_path):
     with pytest.raises(DataError) as e:
-        fd.MNISTDataModule(tmp_path / "m").setup()
+        datamodule("mnist", tmp_path / "m").setup()
     assert str(tmp_path / "m") in str(e.value) and "train-images-idx3-ubyte" in str(e.value)
 
 
@@ -530,16 +531,16 @@ def test_fashion_mnist_falls_back_to_system_folder(tmp_path, monkeypatch):
     system = tmp_path / "system"
     write_idx(system, n_train=12, n_test=3)
     monkeypatch.setattr(fd.FashionMNISTDataModule, "system_dir", system)
-    dm = fd.FashionMNISTDataModule(tmp_path / "empty", val_size=2)
+    dm = datamodule("fashion_mnist", tmp_path / "empty", val_size=2)
     dm.setup()
     assert (len(dm.train_dataset), len(dm.test_dataset)) == (10, 3)
     write_idx(tmp_path / "own", n_train=8, n_test=2)  # the root wins when it has the files
-    dm = fd.FashionMNISTDataModule(tmp_path / "own", val_size=0)
+    dm = datamodule("fashion_mnist", tmp_path / "own", val_size=0)
     dm.setup()
     assert len(dm.train_dataset) == 8
     monkeypatch.setattr(fd.FashionMNISTDataModule, "system_dir", tmp_path / "absent")
     with pytest.raises(DataError) as e:
-        fd.FashionMNISTDataModule(tmp_path / "empty").setup()
+        datamodule("fashion_mnist", tmp_path / "empty").setup()
     msg = str(e.value)
     assert str(tmp_path / "empty") in msg and str(tmp_path / "absent") in msg
     assert "apt-get install dataset-fashion-mnist" in msg
@@ -548,7 +549,7 @@ def test_fashion_mnist_falls_back_to_system_folder(tmp_path, monkeypatch):
 @pytest.mark.skipif(not (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists(),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist_files(tmp_path):
-    dm = fd.FashionMNISTDataModule(tmp_path / "nothing-here", val_size=0)
+    dm = datamodule("fashion_mnist", tmp_path / "nothing-here", val_size=0)
     dm.setup()
     assert (len(dm.train_dataset), len(dm.test_dataset)) == (60000, 10000)
     assert dm.train_dataset.images.shape == (60000, 1, 28, 28)
@@ -586,7 +587,7 @@ def test_lightning_fit_and_test_see_the_right_images(tmp_path):
         m = Counter()
         trainer = pl.Trainer(max_epochs=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-        dm = fd.MNISTDataModule(tmp_path, batch_size=4, val_size=val_size)
+        dm = datamodule("mnist", tmp_path, batch_size=4, val_size=val_size)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(m, dm)
@@ -594,10 +595,6 @@ def test_lightning_fit_and_test_see_the_right_images(tmp_path):
         assert m.seen == expect
 
 
-CONFIGS = {"cifar10": "cifar10", "imagenet32": "imagenet32", "imagenet64": "imagenet64",
-           "imagenet32_chrabaszcz": "imagenet32_chrabaszcz", "imagenet64_chrabaszcz": "imagenet64_chrabaszcz",
-           "celebahq256": "celebahq256", "mnist": "mnist", "fashion_mnist": "fashion_mnist",
-           "svhn": "svhn"}
 
 
 def _compose(name, data_dir, overrides=()):
@@ -609,16 +606,18 @@ def _compose(name, data_dir, overrides=()):
 
 
 def test_config_files_cover_every_datamodule():
-    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted(fd.DATAMODULES)
+    from omegaconf import OmegaConf
+
+    classes = {n for n in fd.__all__ if n.endswith("DataModule") and n != "FlowDataModule"}
+    assert {OmegaConf.load(CONF / f"{n}.yaml")._target_ for n in CONFIGS} == {f"flowlab.data.{c}" for c in classes}
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_loads_fake_data(name, fake_data_dir):
     from hydra.utils import instantiate
 
     cfg = _compose(name, fake_data_dir, SMALL_OVERRIDES)
     dm = instantiate(cfg.data)
-    assert isinstance(dm, fd.DATAMODULES[name])
     dm.prepare_data()
     dm.setup("fit")
     x, y, index = next(iter(dm.train_dataloader()))
@@ -632,4 +631,4 @@ def test_every_config_loads_fake_data(name, fake_data_dir):
 @pytest.mark.parametrize("key", ["hflip", "pin_memory", "skip_corrupt"])
 def test_switches_must_be_booleans(key):
     with pytest.raises(ConfigError, match=f"data.{key}='false'"):
-        fd.CelebAHQDataModule("/x", **{key: "false"})
+        datamodule("celebahq256", "/x", **{key: "false"})

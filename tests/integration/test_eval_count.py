@@ -15,11 +15,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from flowlab.data import CelebAHQDataModule, FlowDataModule, TensorSource
+from flowlab.data import FlowDataModule, TensorSource
 from flowlab.lit import FlowModule
 from flowlab.lit.metrics import KeyedBitsPerDim
 from tests.fakedata import write_celebahq
-from tests.settings import optim
+from tests.settings import datamodule, optim
 
 N_TEST = 11
 OPTIM = optim()
@@ -38,22 +38,21 @@ class InMemory(FlowDataModule):
     native_image_size = 8
 
     def __init__(self, batch_size: int):
-        super().__init__("/in-memory", batch_size=batch_size, val_size=0)
+        super().__init__("/in-memory", batch_size=batch_size, num_workers=0, pin_memory=False, n_bits=8, hflip=False,
+                         val_size=0, seed=0)
         g = torch.Generator().manual_seed(0)
         self.images = torch.randint(0, 256, (16 + N_TEST, 1, 8, 8), dtype=torch.uint8, generator=g)
 
-    def _load_train_pool(self) -> TensorSource:
-        return TensorSource(self.images[:16].clone(), torch.zeros(16, dtype=torch.int64), "memory (train)")
-
-    def _load_test(self) -> TensorSource:
-        return TensorSource(self.images[16:].clone(), torch.zeros(N_TEST, dtype=torch.int64), "memory (test)")
+    def _load(self, split: str) -> TensorSource:
+        images = self.images[:16] if split == "train" else self.images[16:]
+        return TensorSource(images.clone(), torch.zeros(len(images), dtype=torch.int64), f"memory ({split})")
 
 
 def _datamodule(kind: str, tmp_path, batch_size: int = 4) -> FlowDataModule:
     if kind == "tensors":
         return InMemory(batch_size)
     write_celebahq(tmp_path, n=110, size=8)  # image files; the last 10% (11) are the test set
-    return CelebAHQDataModule(tmp_path, batch_size=batch_size, num_workers=0, image_size=8, val_size=0)
+    return datamodule("celebahq256", tmp_path, batch_size=batch_size, num_workers=0, image_size=8, val_size=0)
 
 
 def _module(dm: FlowDataModule) -> FlowModule:

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from flowlab.cli.ood import _derived, _reshaper, auroc_aupr, bits_per_dim, typicality_test
-from flowlab.data import DATAMODULES, SVHNDataModule
+from flowlab.data import SVHNDataModule
 from flowlab.data.svhn import read_svhn_mat
 from flowlab.errors import DataError
 from tests.fakedata import garbage, truncate, write_svhn
+from tests.settings import datamodule
 
 
 # ---- AUROC / AUPR -------------------------------------------------------------------------------------------
@@ -109,8 +110,8 @@ def test_svhn_reads_the_official_mat_layout(tmp_path):
     assert np.array_equal(labels, written["test"][1] % 10) and labels.dtype == np.int64
     assert set(labels.tolist()) == set(range(10))  # 10 -> 0
 
-    dm = SVHNDataModule(tmp_path, batch_size=5, val_size=6, n_bits=5)
-    assert DATAMODULES["svhn"] is SVHNDataModule and (dm.channels, dm.image_size, dm.num_classes) == (3, 32, 10)
+    dm = datamodule("svhn", tmp_path, batch_size=5, val_size=6, n_bits=5)
+    assert isinstance(dm, SVHNDataModule) and (dm.channels, dm.image_size, dm.num_classes) == (3, 32, 10)
     dm.setup("fit")
     dm.setup("test")
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (24, 6, 12)
@@ -123,14 +124,14 @@ def test_svhn_reads_the_official_mat_layout(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.unlink(), "is missing; download test_32x32.mat"),
-    (truncate, "is corrupt or not a MATLAB v5 file"),
-    (garbage, "is corrupt or not a MATLAB v5 file"),
+    (truncate, "is corrupt or unreadable"),
+    (garbage, "is corrupt or unreadable"),
 ])
 def test_svhn_missing_or_damaged_files_end_in_one_line(tmp_path, damage, message):
     write_svhn(tmp_path, n_train=10, n_test=10)
     damage(tmp_path / "test_32x32.mat")
     with pytest.raises(DataError, match=message) as e:
-        SVHNDataModule(tmp_path, val_size=2).setup("test")
+        datamodule("svhn", tmp_path, val_size=2).setup("test")
     assert "\n" not in str(e.value) and str(tmp_path / "test_32x32.mat") in str(e.value)
 
 
