@@ -1,4 +1,4 @@
-"""Numerical faults in training (issue 7 §1): non-finite steps are skipped and counted, a run that keeps
+"""Numerical faults in training: non-finite steps are skipped and counted, a run that keeps
 failing stops with one message and a loadable checkpoint of its last good state, the invertibility
 monitor reports reconstruction errors and near-singular mixing weights by layer name, and
 constant images (all black, all white, one colour) give finite bits/dim for every mixing layer."""
@@ -19,11 +19,9 @@ from flowlab.errors import CheckpointError, UserError
 from flowlab.lit import FlowModule, load_checkpoint, module_from_checkpoint
 from flowlab.lit.loggers import CSVLogger
 from flowlab.lit.monitors import InvertibilityMonitor, InvertibilityWarning, TrainingDiverged, mixing_weights
+from tests import settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
-
-PERMUTATIONS = list(flows.PERMUTATIONS)
-
 
 def tiny(permutation: str = "nxn", channels: int = 1, n_bits: int = 8, **kw) -> dict:
     """A small Glow; the n×n conv with an LU 1×1 inside (the form whose log-det cannot pass through 0)."""
@@ -32,8 +30,7 @@ def tiny(permutation: str = "nxn", channels: int = 1, n_bits: int = 8, **kw) -> 
 
 
 def optim(**kw) -> dict:
-    return {"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}, "scheduler": None,
-            "grad_clip": 50.0, "ema_decay": None, "max_consecutive_skips": 20, **kw}
+    return settings.optim(**{"max_consecutive_skips": 20, **kw})
 
 
 def images(n: int = 64, seed: int = 0, channels: int = 1) -> torch.Tensor:
@@ -188,6 +185,9 @@ def test_a_checkpoint_of_another_model_names_the_mismatched_keys(tmp_path):
 
 
 # ---- the invertibility monitor ----------------------------------------------------------------------------------
+MONITOR = {"every_n_steps": 500, "n_images": 16, "recon_threshold": None, "logdet_bound": 20.0, "cond_bound": 1.0e4}
+
+
 class TinyData(pl.LightningDataModule):
     def __init__(self, x):
         super().__init__()
@@ -202,7 +202,7 @@ class TinyData(pl.LightningDataModule):
 def test_monitor_logs_reconstruction_error_and_weight_health(permutation, tmp_path):
     torch.manual_seed(0)
     module = FlowModule(tiny(permutation), optim())
-    monitor = InvertibilityMonitor(every_n_steps=2, n_images=4)
+    monitor = InvertibilityMonitor(**dict(MONITOR, every_n_steps=2, n_images=4))
     logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
     with _no_invertibility_warning():
         trainer(tmp_path, max_steps=5, callbacks=[monitor], logger=logger).fit(module, datamodule=TinyData(images()))
@@ -248,14 +248,13 @@ def _near_singular(module: FlowModule, permutation: str) -> str:
 def test_monitor_names_a_near_singular_weight_and_warns_about_reconstructions(permutation, tmp_path):
     torch.manual_seed(0)
     module = FlowModule(tiny(permutation), optim())
-    monitor = InvertibilityMonitor(every_n_steps=1000, n_images=4)
+    monitor = InvertibilityMonitor(**dict(MONITOR, every_n_steps=1000, n_images=4))
     t = trainer(tmp_path, max_steps=2, callbacks=[monitor])
     t.fit(module, datamodule=TinyData(images()))
     name = _near_singular(module, permutation)
     assert name.startswith("flow.levels.0.1.permutation")
-    monitor._last_step = -1
     with pytest.warns(InvertibilityWarning) as record:
-        monitor._check(t, module)
+        monitor._run(t, module, t.global_step)
     text = " | ".join(str(w.message) for w in record)
     assert f"{name}: log|det W| = " in text and "approach singularity" in text and "condition number" in text
     h = monitor.history[-1]
@@ -267,11 +266,11 @@ def test_monitor_names_a_near_singular_weight_and_warns_about_reconstructions(pe
 def test_monitor_warns_when_reconstructions_fail(tmp_path):
     torch.manual_seed(0)
     module = FlowModule(tiny("conv1x1"), optim())
-    monitor = InvertibilityMonitor(every_n_steps=1000, n_images=4, recon_threshold=1e-12, cond_bound=1e9)
+    monitor = InvertibilityMonitor(**dict(MONITOR, every_n_steps=1000, n_images=4, recon_threshold=1e-12, cond_bound=1e9))
     t = trainer(tmp_path, max_steps=1, callbacks=[monitor])
     with pytest.warns(InvertibilityWarning, match=r"step 1: max\|decode\(encode\(x\)\) - x\| = .* exceeds 1e-12"):
         t.fit(module, datamodule=TinyData(images()))
-    assert monitor.threshold(8) == 1e-12 and InvertibilityMonitor().threshold(8) == 1 / 512
+    assert monitor.threshold(8) == 1e-12 and InvertibilityMonitor(**MONITOR).threshold(8) == 1 / 512
 
 
 @pytest.mark.parametrize("bad", [{"every_n_steps": 0}, {"n_images": -1}, {"recon_threshold": 0},
@@ -281,7 +280,7 @@ def test_monitor_arguments_are_checked(bad):
 
     key = next(iter(bad))
     with pytest.raises(ConfigError, match=f"callbacks.invertibility.{key}="):
-        InvertibilityMonitor(**bad)
+        InvertibilityMonitor(**dict(MONITOR, **bad))
 
 
 # ---- constant images ----------------------------------------------------------------------------------------------
@@ -292,7 +291,7 @@ def _constant(kind: str, n_bits: int, channels: int = 3, n: int = 4) -> torch.Te
     return torch.tensor(value, dtype=torch.uint8).view(1, channels, 1, 1).expand(n, channels, 8, 8).contiguous()
 
 
-MODELS = [*PERMUTATIONS, "realnvp"]
+MODELS = [*flows.PERMUTATIONS, "realnvp"]
 
 
 def _model(name: str, n_bits: int) -> dict:

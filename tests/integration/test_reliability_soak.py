@@ -1,10 +1,10 @@
-"""Soak test (issue 7 §6): 2,000 quick-start steps through ``flowlab-train`` (in-process, a tiny model so
+"""Soak test: 2,000 quick-start steps through ``flowlab-train`` (in-process, a tiny model so
 it fits in CI time) with non-finite values injected into a few batches and gradients; the run
 finishes, its final parameters are finite, each injected step was skipped and counted, and every
 checkpoint it wrote loads safely and rebuilds a finite model.
 
-Not marked slow: it took 51-70 s on the two busy, shared CPU cores (one torch thread), so it runs in
-``make test``. ``FLOWLAB_SOAK_STEPS`` changes the number of steps; tests/slow/test_soak.py runs 20,000.
+Marked slow (about a minute on two CPU cores), so ``make test-all`` runs it. ``FLOWLAB_SOAK_STEPS`` changes the
+number of steps; tests/slow/test_soak.py runs 20,000.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from flowlab.data.transforms import eval_uniform
 from flowlab.errors import CheckpointError, ConfigError
 from flowlab.flows import ActNorm
-from flowlab.lit import EMA, FlowModule, build_flow, eval_uniform, load_checkpoint, module_from_checkpoint
+from flowlab.lit import EMA, FlowModule, build_flow, load_checkpoint, module_from_checkpoint
 from tests.settings import optim
 
 TINY = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 2,
@@ -286,7 +287,7 @@ def test_fast_path_switches(monkeypatch):
     module = FlowModule(model=model, optim=optim)
     opt = module.configure_optimizers()
     assert opt.defaults.get("fused") is True
-    module._train_coupling_dtype = module._resolve_coupling_dtype()
+    module.on_fit_start()  # resolves optim.coupling_dtype on the device
     assert module._train_coupling_dtype == torch.bfloat16
     nets = [m for m in module.modules() if isinstance(m, CouplingNet)]  # the flow's and the EMA copy's
     assert len(nets) == 4 and all(net.channels_last for net in nets)
@@ -308,4 +309,22 @@ def test_fast_path_switches(monkeypatch):
     assert not any(net.channels_last for net in plain.modules() if isinstance(net, CouplingNet))
     monkeypatch.setattr("flowlab.lit.module.fast_coupling_dtype", lambda device: None)
     auto = FlowModule(model=model, optim={**optim, "coupling_dtype": "auto"})
-    assert auto._resolve_coupling_dtype() is None  # where bfloat16 is not native: float32
+    auto.on_fit_start()
+    assert auto._train_coupling_dtype is None  # where bfloat16 is not native: float32
+
+
+def test_the_sweep_table_reads_each_jobs_bits_per_dim_under_the_modules_metric_name(tmp_path):
+    """A class-conditional job reports test/bpd_cond (FlowModule.bpd_name), and the sweep table's test/bpd reads it."""
+    import json
+
+    import yaml
+
+    from flowlab.lit.loggers import _sweep_rows
+
+    conditional = dict(TINY, y_condition=True, n_classes=2)
+    for name, model, key in (("a", TINY, "test/bpd"), ("b", conditional, "test/bpd_cond")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"model": model, "seed": 0}))
+        (tmp_path / name / "results.json").write_text(json.dumps({key: 4.0 if name == "a" else 3.5, "params": 1}))
+    assert [r["test/bpd"] for r in _sweep_rows(tmp_path)] == [4.0, 3.5]
+    assert FlowModule(conditional, OPTIM).bpd_name == "bpd_cond" and FlowModule(TINY, OPTIM).bpd_name == "bpd"

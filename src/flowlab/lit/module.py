@@ -1,96 +1,59 @@
-"""The LightningModule: trains any flow with flowlab's contract by maximum likelihood.
+"""The LightningModule: trains a flow by maximum likelihood (with an optional weight average) and evaluates it exactly.
 
-The flow, the optimizer and the learning-rate schedule come from plain-dict ``_target_`` configs,
-saved in the checkpoint: ``FlowModule.from_checkpoint`` rebuilds it from the file alone, which loads
-with ``torch.load(weights_only=True)``, and each ``_target_`` must name a class of an allowed package
-(checkpoints are data, not code). The constructor checks every argument. Batches are
-``(x, y, index)``: training adds fresh noise per step and process; validation/test noise is a fixed
-function of (eval seed, image index, draw) and every image counts once, whatever the batching or DDP.
+Model, optimizer and schedule are ``_target_`` configs of allowed packages, kept as plain data in the checkpoint:
+``FlowModule.from_checkpoint`` rebuilds the module from a file that loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
-from flowlab.data.transforms import preprocess
+from flowlab.data.transforms import dequantize, eval_uniform, preprocess
 from flowlab.errors import ConfigError, check_bool, check_choice, check_int, check_number
-from flowlab.flows.precision import fast_coupling_dtype
-from flowlab.lit.ema import EMA
+from flowlab.flows import MultiScaleFlow, fast_coupling_dtype
+from flowlab.lit.checkpoint import continue_epoch
 from flowlab.lit.metrics import KeyedBitsPerDim
-from flowlab.lit.noise import eval_uniform
+from flowlab.lit.monitors import stop_diverged
 
-__all__ = ["FlowModule", "LinearWarmup", "build_flow", "ALLOWED_MODEL_PACKAGES"]
-
-#: the packages whose classes a ``_target_`` may name, per config (checkpoints are data, not code)
-ALLOWED_MODEL_PACKAGES = ("flowlab.flows",)
-ALLOWED_OPTIMIZER_PACKAGES = ("torch.optim",)
-ALLOWED_SCHEDULER_PACKAGES = ("torch.optim.lr_scheduler", "flowlab.lit.module")
 OPTIM_KEYS = ("optimizer", "scheduler", "grad_clip", "ema_decay", "max_consecutive_skips", "coupling_dtype",
               "coupling_channels_last")
 _MAX_DRAWS = 2**20  # evaluation metric key = image index * _MAX_DRAWS + draw
-#: optim.coupling_dtype: a dtype by name ("auto" resolves on the device: flowlab.flows.precision)
-COUPLING_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+COUPLING_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # optim.coupling_dtype; "auto": fast_coupling_dtype
 
 
 def _plain(obj: Any) -> Any:
     """A deep copy made of dict/list/str/int/float/bool/None only (what weights_only checkpoints accept)."""
+    if OmegaConf.is_config(obj):
+        obj = OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
-    try:  # OmegaConf containers
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(obj):
-            return _plain(OmegaConf.to_container(obj, resolve=True))
-    except ImportError:  # pragma: no cover
-        pass
     raise TypeError(f"not a plain config value: {obj!r} ({type(obj).__name__})")
 
 
-def _config_class(cfg: Any, key: str, packages: tuple[str, ...], base: type, example: str,
-                  partial: bool = False) -> tuple[type, dict]:
-    """``(class, arguments)`` of a ``{"_target_": ..., **arguments}`` config whose class is a ``base`` of one of
-    ``packages`` (``_partial_`` allowed when ``partial``); ConfigError otherwise, and for any other Hydra
-    directive among the arguments."""
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"{key}={cfg!r} is not allowed: give a config with a _target_, e.g. {example}")
-    cfg = _plain(cfg)
-    target = cfg.pop("_target_", None)
-    if partial:
-        cfg.pop("_partial_", None)
-    module_name, _, cls_name = target.rpartition(".") if isinstance(target, str) else ("", "", "")
-    if module_name not in packages:
-        raise ConfigError(f"{key}._target_={target!r} is not allowed: name a class of {' or '.join(packages)}, "
-                          f"e.g. {example}")
-
-    def reject_directives(value, where):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if k.startswith("_") and k.endswith("_"):
-                    raise ConfigError(f"{where}.{k} is not allowed: a config here holds _target_ and the class's "
-                                      "arguments")
-                reject_directives(v, f"{where}.{k}")
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                reject_directives(v, f"{where}[{i}]")
-
-    reject_directives(cfg, key)
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(f"{key}._target_={target!r} is not a {base.__name__} class of {module_name}")
-    return cls, cfg
+def _refuse_directives(value: Any, where: str) -> None:
+    """ConfigError for a Hydra directive (``_target_``, ``_partial_``, ...) anywhere among a class's arguments."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        at = f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]"
+        if isinstance(k, str) and k.startswith("_") and k.endswith("_"):
+            raise ConfigError(f"{at} is not allowed: a config here holds _target_ and the class's arguments")
+        _refuse_directives(v, at)
 
 
 def _call(key: str, cls: type, kwargs: dict, *args):
@@ -104,25 +67,38 @@ def _call(key: str, cls: type, kwargs: dict, *args):
         raise ConfigError(f"{key}: {cls.__name__}({shown}) is not allowed: {e}") from e
 
 
-def build_flow(model_cfg: Mapping) -> nn.Module:
-    """Instantiate a flow from ``{"_target_": "flowlab.flows.Glow", **kwargs}``.
+def _factory(cfg: Any, key: str, packages: tuple[str, ...], base: type, example: str, partial: bool = False):
+    """A partial making the class a ``{"_target_": ..., **arguments}`` config names, which must be a ``base`` of one
+    of ``packages`` (``_partial_`` is allowed, and implied, when ``partial``); ConfigError otherwise."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"{key}={cfg!r} is not allowed: give a config with a _target_, e.g. {example}")
+    cfg = _plain(cfg)
+    target = cfg.pop("_target_", None)
+    if partial:
+        cfg.pop("_partial_", None)
+    module_name, _, cls_name = target.rpartition(".") if isinstance(target, str) else ("", "", "")
+    if module_name not in packages:
+        raise ConfigError(f"{key}._target_={target!r} is not allowed: name a class of {' or '.join(packages)}, "
+                          f"e.g. {example}")
+    _refuse_directives(cfg, key)
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{key}._target_={target!r} is not a {base.__name__} class of {module_name}")
+    return functools.partial(_call, key, cls, cfg)
 
-    Only classes of :data:`ALLOWED_MODEL_PACKAGES` may be named and no argument may itself be a
-    ``_target_``: a config (or a checkpoint's hyper-parameters) can choose a model, never run code.
-    """
-    cls, kwargs = _config_class(model_cfg, "model", ALLOWED_MODEL_PACKAGES, nn.Module, "flowlab.flows.Glow")
-    return _call("model", cls, kwargs)
+
+def build_flow(model_cfg: Mapping) -> MultiScaleFlow:
+    """The flow of ``{"_target_": "flowlab.flows.Glow", **kwargs}``: a config chooses a flow class, never code to run."""
+    return _factory(model_cfg, "model", ("flowlab.flows",), MultiScaleFlow, "flowlab.flows.Glow")()
 
 
-def _partial(cfg: Any, key: str, packages: tuple[str, ...], base: type, example: str):
-    """The optimizer or scheduler class a config names, as a partial (``_partial_: true`` is implied): the
-    parameters, or the optimizer, are given when it is made."""
-    return functools.partial(_call, key, *_config_class(cfg, key, packages, base, example, partial=True))
+def bpd_name_of(model_cfg: Mapping) -> str:
+    """The name of a model's bits/dim metrics (``*/bpd``): ``bpd_cond`` (−log₂ p(x|y)/D) when class-conditional."""
+    return "bpd_cond" if model_cfg.get("y_condition") else "bpd"
 
 
 class LinearWarmup(torch.optim.lr_scheduler.LambdaLR):
-    """Linear learning-rate warm-up, stepped every optimiser step: ``lr · min(1, (step + 1) / warmup_steps)``,
-    from ``lr / warmup_steps`` at the first step to ``lr`` from step ``warmup_steps − 1`` on (openai/glow's)."""
+    """Linear learning-rate warm-up, stepped every optimiser step: ``lr · min(1, (step + 1) / warmup_steps)`` (openai/glow's)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int):
         check_int("optim.scheduler.warmup_steps", warmup_steps, 1)
@@ -130,52 +106,71 @@ class LinearWarmup(torch.optim.lr_scheduler.LambdaLR):
 
 
 def _optim_of_old_checkpoints(optim: dict) -> dict:
-    """``optim`` as saved before the optimizer and schedule were ``_target_`` configs (``optimizer: adam``,
-    ``lr``, ``betas``, ``weight_decay``, ``fused``, ``warmup_steps``), in today's form."""
+    """``optim`` as saved before the optimizer and schedule were ``_target_`` configs, in today's form."""
     o = dict(optim)
     name = str(o.pop("optimizer")).lower()
     new = {"_target_": {"adam": "torch.optim.Adam", "adamax": "torch.optim.Adamax"}.get(name, name), "_partial_": True,
            "lr": o.pop("lr", 1e-3)}
     for k in ("betas", "weight_decay"):
-        if o.get(k) is not None:
-            new[k] = o[k]
-        o.pop(k, None)
+        value = o.pop(k, None)
+        if value is not None:
+            new[k] = value
     if o.pop("fused", False):
         new["fused" if name == "adam" else "foreach"] = True
     warmup = int(o.pop("warmup_steps", 0) or 0)
-    return {**o, "optimizer": new, "scheduler": {"_target_": "flowlab.lit.module.LinearWarmup", "_partial_": True,
-                                                 "warmup_steps": warmup} if warmup > 0 else None}
+    scheduler = {"_target_": "flowlab.lit.module.LinearWarmup", "_partial_": True, "warmup_steps": warmup}
+    return {**o, "optimizer": new, "scheduler": scheduler if warmup > 0 else None}
+
+
+class EMA(nn.Module):
+    """A frozen copy of a model whose floating-point weights follow ``shadow ← d · shadow + (1 − d) · weights`` after
+    every optimiser step, with ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates (so the initial weights do
+    not dominate early on); buffers (ActNorm's ``initialized``, fixed permutations) are copied, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float, key: str = "decay"):
+        super().__init__()
+        self.decay = check_number(key, decay, 0.0, 1.0, low_open=True, high_open=True)
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+        self.register_buffer("num_updates", torch.tensor(0, dtype=torch.int64))
+        self._n = 0  # host-side mirror of num_updates: no device sync per step
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._n = int(self.num_updates)
+
+    def train(self, mode: bool = True) -> EMA:  # the copy always stays in eval mode
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    def reset(self, model: nn.Module) -> None:
+        """Make the average an exact copy of ``model`` (after ActNorm's data-dependent initialisation)."""
+        self.module.load_state_dict(model.state_dict())
+        self.num_updates.zero_()
+        self._n = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1.0 + self._n) / (10.0 + self._n))
+        shadow = [p for p in self.module.parameters() if p.dtype.is_floating_point]
+        current = [p.detach() for p in model.parameters() if p.dtype.is_floating_point]
+        if shadow:
+            torch._foreach_lerp_(shadow, current, 1.0 - decay)
+        for b_shadow, b in zip(self.module.buffers(), model.buffers()):
+            b_shadow.copy_(b)
+        self.num_updates += 1
+        self._n += 1
 
 
 class FlowModule(pl.LightningModule):
-    """Maximum-likelihood training of a flow; loss = mean bits/dim of the dequantised batch.
+    """Maximum-likelihood training of a flow (loss: mean bits/dim of the dequantised batch) on ``(x, y, index)``
+    batches; ``model`` and ``optim`` are conf/train.yaml's configs. Training noise is fresh per step and process;
+    evaluation noise is a fixed function of (``eval_seed``, image index, draw) and every image counts once."""
 
-    Args:
-        model: the flow's config (``_target_`` + constructor arguments), a plain dict.
-        optim: ``optimizer`` (``{"_target_": "torch.optim.Adam", "lr": ..., ...}``, a class of torch.optim),
-            ``scheduler`` (a class of torch.optim.lr_scheduler or :class:`LinearWarmup`, stepped every
-            optimiser step; None/absent: constant lr), ``grad_clip`` (max global gradient norm or None),
-            ``ema_decay`` (None: off), ``max_consecutive_skips`` (stop after this many non-finite steps in a
-            row; None/absent: never), ``coupling_dtype`` (auto | bfloat16 | float32: the coupling
-            networks' dtype in training steps, auto = bfloat16 where the device multiplies it natively;
-            evaluation always runs in float32), ``coupling_channels_last`` (the coupling networks'
-            hidden activations channels-last, in training and evaluation: a layout, not a precision).
-        eval_seed: seed of the validation/test dequantisation noise.
-        seed: seed of the training noise (combined with the process rank).
-        use_ema: evaluate (validation, test, images) with the EMA weights when they exist.
-        data: a description of the data the model is trained on (kept for messages and tools).
-
-    A step whose loss or gradient norm is not finite is skipped (gradients dropped, so weights and
-    optimiser state stay as they were), counted in ``skipped_steps`` and logged as
-    ``train/skipped_steps``; see :mod:`flowlab.lit.monitors`. The decision costs one host sync per
-    step (the finiteness of the gradient norm, which clipping computes anyway).
-    """
-
-    def __init__(self, model: Mapping, optim: Mapping, eval_seed: int = 1234, seed: int = 0,
-                 use_ema: bool = True, data: Mapping | None = None):
+    def __init__(self, model: Mapping, optim: Mapping, eval_seed: int = 1234, seed: int = 0, use_ema: bool = True,
+                 data: Mapping | None = None):
         super().__init__()
-        model, optim = _plain(model), _plain(optim)
-        data = None if data is None else _plain(data)
+        model, optim, data = _plain(model), _plain(optim), _plain(data)
         if not isinstance(optim, dict):
             raise ConfigError(f"optim={optim!r} is not allowed: give the optimiser settings ({', '.join(OPTIM_KEYS)})")
         unknown = sorted(set(optim) - set(OPTIM_KEYS))
@@ -185,11 +180,11 @@ class FlowModule(pl.LightningModule):
         self.save_hyperparameters({"model": model, "optim": optim, "eval_seed": check_int("eval.seed", eval_seed),
                                    "seed": check_int("seed", seed, 0), "use_ema": check_bool("eval.use_ema", use_ema),
                                    "data": data})
-        self._make_optimizer = _partial(optim.get("optimizer"), "optim.optimizer", ALLOWED_OPTIMIZER_PACKAGES,
-                                        torch.optim.Optimizer, "torch.optim.Adam (optim/optimizer=adam)")
-        self._make_scheduler = None if optim.get("scheduler") is None else _partial(
-            optim["scheduler"], "optim.scheduler", ALLOWED_SCHEDULER_PACKAGES, torch.optim.lr_scheduler.LRScheduler,
-            "flowlab.lit.module.LinearWarmup")
+        self._make_optimizer = _factory(optim.get("optimizer"), "optim.optimizer", ("torch.optim",), torch.optim.Optimizer,
+                                        "torch.optim.Adam (optim/optimizer=adam)", partial=True)
+        self._make_scheduler = None if optim.get("scheduler") is None else _factory(
+            optim["scheduler"], "optim.scheduler", ("torch.optim.lr_scheduler", "flowlab.lit.module"),
+            torch.optim.lr_scheduler.LRScheduler, "flowlab.lit.module.LinearWarmup", partial=True)
         probe = self._make_optimizer([torch.zeros(1, requires_grad=True)])  # the classes check their arguments
         if self._make_scheduler is not None:
             self._make_scheduler(probe)
@@ -199,36 +194,27 @@ class FlowModule(pl.LightningModule):
             check_choice("optim.coupling_dtype", optim["coupling_dtype"], ("auto", *COUPLING_DTYPES))
         channels_last = check_bool("optim.coupling_channels_last", optim.get("coupling_channels_last", False))
         self.flow = build_flow(model)
-        set_compute = getattr(self.flow, "set_coupling_dtype", None)
-        if set_compute is not None:  # before the EMA copy, which inherits the layout
-            set_compute(None, channels_last=channels_last)
+        self.flow.set_coupling_dtype(None, channels_last=channels_last)  # before the EMA copy, which inherits the layout
         self.n_bits = int(self.flow.n_bits)
-        ema_decay = optim.get("ema_decay")
-        self.ema = None if ema_decay is None else EMA(self.flow, ema_decay, key="optim.ema_decay")
+        self.ema = None if optim.get("ema_decay") is None else EMA(self.flow, optim["ema_decay"], key="optim.ema_decay")
         self.use_ema = use_ema
-        self.eval_draws = 1  # dequantisation draws per test image in one test pass
-        self.eval_draw_offset = 0  # number of the first draw (flowlab-eval runs one pass per draw)
+        self.eval_draws, self.eval_draw_offset = 1, 0  # the test pass's dequantisation draws (flowlab-eval sets them)
         self.train_bpd = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)  # float64 sums; NaN stays NaN
-        self.val_bpd = KeyedBitsPerDim()  # keyed by (image index, draw): DistributedSampler's repeats count once
-        self.test_bpd = KeyedBitsPerDim()
-        # a class-conditional flow reports -log2 p(x|y)/D as */bpd_cond (never */bpd) and, with a classifier on its
-        # top latent (model.y_weight > 0), the class accuracy */y_acc; the loss is Glow's bits_x + y_weight · bits_y
-        self.conditional = bool(getattr(self.flow, "y_condition", False))
-        self.bpd_name = "bpd_cond" if self.conditional else "bpd"
-        self.classifies = self.conditional and getattr(self.flow.top_prior, "classifier", None) is not None
+        self.val_bpd, self.test_bpd = KeyedBitsPerDim(), KeyedBitsPerDim()  # keyed by (image index, draw)
+        self.conditional = bool(self.flow.y_condition)
+        self.bpd_name = bpd_name_of(model)
+        self.classifies = self.conditional and self.flow.y_weight > 0  # a classifier on the top latent: */y_acc
         self.train_acc, self.val_acc, self.test_acc = MeanMetric(), KeyedBitsPerDim(), KeyedBitsPerDim()
         self._noise_gen: torch.Generator | None = None
         self._needs_init: bool | None = None
         self.skipped_steps = 0  # non-finite steps skipped in this run (saved in checkpoints)
-        self._train_coupling_dtype: torch.dtype | None = None  # resolved on the device in on_fit_start
         self._skip_streak = 0
+        self._train_coupling_dtype: torch.dtype | None = None  # resolved on the device in on_fit_start
         self._step_loss: torch.Tensor | None = None
-        self._step_skipped = False
 
-    #: read by Lightning's ThroughputMonitor; None: FLOPs are not counted
+    #: read by Lightning's ThroughputMonitor (which warns when it is missing); None: FLOPs are not counted
     flops_per_batch = None
 
-    # ---- the model used for evaluation and pictures -----------------------------------------------
     @property
     def eval_flow(self) -> nn.Module:
         """The EMA weights when kept (and ``use_ema``), else the trained weights."""
@@ -238,7 +224,6 @@ class FlowModule(pl.LightningModule):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.flow.parameters())
 
-    # ---- dequantisation -------------------------------------------------------------------------
     def _train_noise_generator(self) -> torch.Generator:
         """Seeded from (seed, rank, step) at every step: a resumed run draws the noise an uninterrupted one would."""
         if self._noise_gen is None or self._noise_gen.device != self.device:
@@ -248,70 +233,42 @@ class FlowModule(pl.LightningModule):
 
     def dequantize_train(self, x: torch.Tensor) -> torch.Tensor:
         """Fresh U[0, 1/2^n_bits) noise on the preprocessed batch (different on every process)."""
-        xf = preprocess(x, self.n_bits)
-        noise = torch.rand(xf.shape, generator=self._train_noise_generator(), dtype=xf.dtype, device=xf.device)
-        return xf + noise / float(2**self.n_bits)
+        return dequantize(preprocess(x, self.n_bits), self.n_bits, self._train_noise_generator())
 
     def dequantize_eval(self, x: torch.Tensor, index: torch.Tensor, draw: int = 0) -> torch.Tensor:
         """Noise determined by (eval seed, dataset index, draw): the same for any batch or process layout."""
         xf = preprocess(x, self.n_bits)
         u = eval_uniform(index.to(xf.device), xf.shape, seed=int(self.hparams.eval_seed), draw=draw, dtype=xf.dtype)
-        return xf + u / float(2**self.n_bits)
-
-    # ---- ActNorm's data-dependent initialisation --------------------------------------------------
-    def _flow_needs_init(self) -> bool:
-        if self._needs_init is None:
-            self._needs_init = any(name.rsplit(".", 1)[-1] == "initialized" and not bool(buf.all())
-                                   for name, buf in self.flow.named_buffers())
-        return self._needs_init
+        return dequantize(xf, self.n_bits, u=u)
 
     def _initialize_flow(self, x: torch.Tensor) -> None:
-        """Explicit init pass on the first training batch, before the first optimiser step.
-
-        Under DDP every process calls this at the same step; ActNorm reduces its statistics over
-        all processes, so all replicas start identical.
-        """
-        init = getattr(self.flow, "initialize", None)
-        if callable(init):
-            init(x)
-        else:  # a flow without initialize(): a no-grad forward in training mode does the same
-            with torch.no_grad():
-                self.flow.log_prob(x)
+        """ActNorm's data-dependent initialisation on the first training batch (reduced over DDP processes)."""
+        self.flow.initialize(x)
         self._needs_init = False
         if self.ema is not None:
             self.ema.reset(self.flow)
 
-    # ---- Lightning hooks --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # Under DDP Lightning warns that DistributedSampler repeats val/test images; KeyedBitsPerDim drops the
-        # repeats by image index. Set here because this runs in every process (ddp_spawn's too).
-        import warnings
-
+        # KeyedBitsPerDim drops DistributedSampler's val/test repeats; set in every process (ddp_spawn's too)
         warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
 
-    def _resolve_coupling_dtype(self) -> torch.dtype | None:
-        value = self.hparams.optim.get("coupling_dtype")
-        if value == "auto":
-            return fast_coupling_dtype(self.device)
-        return COUPLING_DTYPES[value or "float32"]
-
     def on_fit_start(self) -> None:
-        self._train_coupling_dtype = self._resolve_coupling_dtype()
+        value = self.hparams.optim.get("coupling_dtype")
+        self._train_coupling_dtype = fast_coupling_dtype(self.device) if value == "auto" else COUPLING_DTYPES[value or "float32"]
         self._needs_init = None
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = self.dequantize_train(batch[0])
-        if self._flow_needs_init():
+        if self._needs_init is None:
+            self._needs_init = any(name.rsplit(".", 1)[-1] == "initialized" and not bool(buf.all())
+                                   for name, buf in self.flow.named_buffers())
+        if self._needs_init:
             self._initialize_flow(x)
-        set_dtype = getattr(self.flow, "set_coupling_dtype", None)
-        fast = self._train_coupling_dtype is not None and set_dtype is not None
-        if fast:  # only inside the training forward: backward follows the dtypes autocast recorded
-            set_dtype(self._train_coupling_dtype)
+        self.flow.set_coupling_dtype(self._train_coupling_dtype)  # the forward only: backward follows autocast's record
         try:
             bpd, logits = self._bits(self.flow, x, batch[1])
         finally:
-            if fast:
-                set_dtype(None)
+            self.flow.set_coupling_dtype(None)
         loss = bpd.mean()
         if logits is not None:  # openai/glow: bits_y = cross-entropy / ln 2 per image, weighted by y_weight
             loss = loss + self.flow.y_weight * nn.functional.cross_entropy(logits.float(), batch[1]) / math.log(2)
@@ -334,121 +291,99 @@ class FlowModule(pl.LightningModule):
             raise ValueError(f"a validation/test batch must be (x, y, index), with index each image's position in its "
                              f"split (it keys the evaluation noise and counts every image once, also under DDP), but "
                              f"this one {got}: the dataset must yield (x, y, index), as flowlab.data's datasets do")
-        x, index = batch[0], torch.as_tensor(batch[2], device=batch[0].device)
-        flow = self.eval_flow
+        x, y, index = batch[0], batch[1], torch.as_tensor(batch[2], device=batch[0].device)
         for draw in draws:
             key = index.to(torch.int64) * _MAX_DRAWS + int(draw)
-            bpd, logits = self._bits(flow, self.dequantize_eval(x, index, draw), batch[1])
+            bpd, logits = self._bits(self.eval_flow, self.dequantize_eval(x, index, draw), y)
             metric.update(bpd, key)
             if logits is not None:
-                accuracy.update((logits.argmax(1) == batch[1]).double(), key)
+                accuracy.update((logits.argmax(1) == y).double(), key)
+
+    def _evaluate(self, stage: str, batch, draws: range) -> None:
+        bpd, accuracy = getattr(self, f"{stage}_bpd"), getattr(self, f"{stage}_acc")
+        self._eval_step(batch, 0, bpd, draws, accuracy)
+        self.log(f"{stage}/{self.bpd_name}", bpd, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        if self.classifies:
+            self.log(f"{stage}/y_acc", accuracy, on_step=False, on_epoch=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.val_bpd, range(1), self.val_acc)
-        self.log(f"val/{self.bpd_name}", self.val_bpd, on_step=False, on_epoch=True, prog_bar=True)
-        if self.classifies:
-            self.log("val/y_acc", self.val_acc, on_step=False, on_epoch=True)
+        self._evaluate("val", batch, range(1))
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.test_bpd,
-                        range(self.eval_draw_offset, self.eval_draw_offset + self.eval_draws), self.test_acc)
-        self.log(f"test/{self.bpd_name}", self.test_bpd, on_step=False, on_epoch=True)
-        if self.classifies:
-            self.log("test/y_acc", self.test_acc, on_step=False, on_epoch=True)
+        self._evaluate("test", batch, range(self.eval_draw_offset, self.eval_draw_offset + self.eval_draws))
 
     def configure_optimizers(self):
         optimizer = self._make_optimizer(self.flow.parameters())
         if self._make_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._make_scheduler(optimizer),
-                                                         "interval": "step", "frequency": 1, "name": "lr"}}
+        scheduler = {"scheduler": self._make_scheduler(optimizer), "interval": "step", "name": "lr"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Clip the global gradient norm to ``optim.grad_clip`` and log the norm before clipping."""
-        clip = self.hparams.optim.get("grad_clip")
+        """Clip the global gradient norm to ``optim.grad_clip`` (logged before clipping); drop the step's gradients when
+        the loss or that norm is not finite on any process (Adam/Adamax then leave weights and moments untouched).
+        One host sync per step; the decision is reduced over processes, keeping replicas equal."""
         params = [p for p in self.flow.parameters() if p.grad is not None]
         if not params:
             return
+        clip = self.hparams.optim.get("grad_clip")
         norm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else math.inf)
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        self._skip_if_nonfinite(norm, params)
-
-    def _skip_if_nonfinite(self, norm: torch.Tensor, params: list) -> None:
-        """Drop this step's gradients when the loss or the gradient norm is not finite on any process.
-
-        Adam/Adamax leave a parameter without a gradient untouched (weights, moments, step count), so
-        the step is a no-op; every process takes the same decision (reduced), keeping replicas equal.
-        """
-        finite = torch.isfinite(norm)
-        if self._step_loss is not None:
-            finite = finite & torch.isfinite(self._step_loss)
-        ok = bool(finite)  # the one host sync per step
+        finite = torch.isfinite(norm) if self._step_loss is None else torch.isfinite(norm) & torch.isfinite(self._step_loss)
+        ok = bool(finite)
         if self._trainer is not None:
             ok = self.trainer.strategy.reduce_boolean_decision(ok, all=True)
-        self._step_skipped = not ok
-        if ok:
-            self._skip_streak = 0
-        else:
+        self._skip_streak = 0 if ok else self._skip_streak + 1
+        if not ok:
             for p in params:
                 p.grad = None
             self.skipped_steps += 1
-            self._skip_streak += 1
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
     def optimizer_step(self, *args, **kwargs) -> None:
-        self._step_skipped = False
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None and not self._step_skipped:
+        if self.ema is not None and self._skip_streak == 0:  # the step was applied
             self.ema.update(self.flow)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         limit = self.hparams.optim.get("max_consecutive_skips")
         if limit and self._skip_streak >= int(limit):
-            from flowlab.lit.monitors import stop_diverged
-
             stop_diverged(self.trainer, self._skip_streak, self.skipped_steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["skipped_steps"] = int(self.skipped_steps)
-        checkpoint["skip_streak"] = int(self._skip_streak)
+        checkpoint.update(skipped_steps=int(self.skipped_steps), skip_streak=int(self._skip_streak))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         self._skip_streak = int(checkpoint.get("skip_streak", 0))
-        from flowlab.lit.checkpoint import continue_epoch
-
         continue_epoch(checkpoint)  # a run stopped by max_steps goes on where an uninterrupted one would
 
-    # ---- rebuilding from a checkpoint -----------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, checkpoint: Mapping, strict: bool = True) -> FlowModule:
+    def from_checkpoint(cls, checkpoint: Mapping) -> FlowModule:
         """A module rebuilt from a loaded checkpoint dict (see :func:`flowlab.lit.checkpoint.load_checkpoint`)."""
         hp = dict(checkpoint["hyper_parameters"])
         model = hp.get("model")
         if (isinstance(model, Mapping) and str(model.get("_target_", "")).endswith(".Glow")
                 and model.get("permutation") == "nxn" and "nxn_conv1x1" not in model):
-            # written before the n×n conv's inner 1×1 became a switch: it was always the LU form
-            hp["model"] = {**model, "nxn_conv1x1": "lu"}
+            hp["model"] = {**model, "nxn_conv1x1": "lu"}  # written when the n×n conv's inner 1×1 was always LU
         if isinstance(hp.get("optim"), Mapping) and isinstance(hp["optim"].get("optimizer"), str):
             hp["optim"] = _optim_of_old_checkpoints(hp["optim"])
         module = cls(**{k: hp[k] for k in ("model", "optim", "eval_seed", "seed", "use_ema", "data") if k in hp})
         try:
-            module.load_state_dict(checkpoint["state_dict"], strict=strict)
+            module.load_state_dict(checkpoint["state_dict"])
         except RuntimeError as e:  # one line that names the keys (PyTorch's message can run to pages)
             raise RuntimeError(_mismatched_keys(module.state_dict(), checkpoint["state_dict"]) or str(e)) from e
         return module
 
 
-def _mismatched_keys(expected: Mapping, found: Mapping, show: int = 8) -> str:
-    """``missing keys: a, b; unexpected keys: c; shape mismatches: d (2, 3) in the file, (4, 3) in the model``."""
-    def listed(title: str, items: list[str]) -> str:
-        more = f" (and {len(items) - show} more)" if len(items) > show else ""
-        return f"{title} ({len(items)}): {', '.join(items[:show])}{more}"
-
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
+def _mismatched_keys(expected: Mapping, found: Mapping) -> str:
+    """``missing keys (n): a, b; unexpected keys (n): c; shape mismatches (n): d (2, 3) in the file, (4, 3) in the model``."""
     shapes = [f"{k} {tuple(found[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in expected.items()
               if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)]
-    parts = [listed(t, i) for t, i in (("missing keys", missing), ("unexpected keys", unexpected),
-                                       ("shape mismatches", shapes)) if i]
+    parts = []
+    for title, items in (("missing keys", [k for k in expected if k not in found]),
+                         ("unexpected keys", [k for k in found if k not in expected]), ("shape mismatches", shapes)):
+        if items:
+            more = f" (and {len(items) - 8} more)" if len(items) > 8 else ""
+            parts.append(f"{title} ({len(items)}): {', '.join(items[:8])}{more}")
     return "; ".join(parts)
