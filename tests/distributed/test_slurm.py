@@ -102,7 +102,8 @@ def test_slurm_launcher_rejects_an_unknown_cluster():
 def test_requeues_stop_after_max_num_timeout(monkeypatch):
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    from flowlab.cluster import REQUEUE_ENV, cluster_plugins, set_requeue_allowed
+    from flowlab.cluster import cluster_plugins, set_requeue_allowed
+    from flowlab.lit.preemption import REQUEUE_ENV
 
     for name in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_RESTART_COUNT", REQUEUE_ENV):
         monkeypatch.delenv(name, raising=False)
