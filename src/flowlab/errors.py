@@ -1,11 +1,6 @@
-"""Errors a person can cause and fix (a config value, a missing or corrupt file, a foreign checkpoint),
-and the few type/range checks that constructors share.
-
-Raise :class:`UserError` with a message that says what was wrong and what to do. The command-line
-entry points print it as one line ``error: <message>`` (exit status 2, no traceback); anything else
-is a bug in flowlab and keeps its traceback. The ``check_*`` helpers raise :class:`ConfigError`
-naming the key and the value, e.g. ``model.K=0 is not allowed: it must be an integer ≥ 1``.
-"""
+"""Errors a person can cause and fix, which the commands print as one line ``error: <message>`` (anything else is a
+bug and keeps its traceback), and the checks constructors share, e.g. ``model.K=0 is not allowed: it must be an
+integer ≥ 1``."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Where the Hydra configs (conf/) are.
-
-Order: the environment variable ``FLOWLAB_CONF``; the ``conf/`` folder of the source checkout this
-package runs from (``pip install -e .``, the supported way); a ``conf/`` folder packaged inside
-``flowlab`` (for builds that ship it as package data).
-"""
+"""Where the Hydra configs are: ``$FLOWLAB_CONF``, the source checkout's ``conf/`` or one packaged in ``flowlab``."""
 
 from __future__ import annotations
 
@@ -11,8 +6,6 @@ import os
 from pathlib import Path
 
 from flowlab.errors import UserError
-
-__all__ = ["config_dir"]
 
 
 def config_dir() -> Path:

@@ -1,45 +1,23 @@
 """``flowlab-eval``: the test (or validation) bits/dim of a checkpoint; ends with ``test/bpd=<value>``.
 
-The model is rebuilt from the checkpoint alone (loaded with ``torch.load(weights_only=True)``).
-The data comes from the config (``data=``/``experiment=``) and must match the model's channels,
-size and ``n_bits``. Dequantisation noise is keyed by (eval seed, image index, draw), so with the
-checkpoint's eval seed and ``eval.draws=1`` the value equals what ``flowlab-train`` printed.
-
-``eval.draws=N`` evaluates every image under N independent noise draws and reports the mean of
-bits/dim over all draws, i.e. the average over draws of the per-draw dataset means. Each draw
-gives an unbiased estimate of the same dequantised bound −E_u[log p(x + u)] / (D ln 2) + n_bits,
-so more draws only reduce the noise of the estimate; per-draw values go to ``results.json``.
+The model comes from the checkpoint alone (weights only), the data from the config. Noise is keyed by (eval seed,
+image index, draw): with the checkpoint's eval seed and ``eval.draws=1`` the value equals flowlab-train's;
+``eval.draws=N`` reports the mean of the N per-draw means (each unbiased for the same bound; all in results.json).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections import namedtuple
 
 from omegaconf import DictConfig
 
 from flowlab.cli._hydra import run_hydra
-from flowlab.errors import check_bool, check_choice, check_int
+from flowlab.errors import check_choice, check_int
 
-__all__ = ["main", "prepare", "evaluate", "EvalRun"]
-
-
-@dataclass
-class EvalRun:
-    """Everything ``flowlab-eval`` runs with, built once by :func:`prepare`."""
-
-    module: Any
-    ckpt: dict
-    path: Path
-    datamodule: Any
-    trainer: Any
-    held: list
-    draws: int
-    split: str
-    data_line: str
+#: everything flowlab-eval runs with, built once by :func:`prepare`
+EvalRun = namedtuple("EvalRun", "module ckpt path datamodule trainer held draws split data_line")
 
 
 def prepare(cfg: DictConfig) -> EvalRun:
@@ -48,23 +26,15 @@ def prepare(cfg: DictConfig) -> EvalRun:
     import pytorch_lightning as pl
 
     from flowlab.cli import _build as build
-    from flowlab.lit.checkpoint import module_from_checkpoint
 
     draws = check_int("eval.draws", cfg.eval.draws, 1)
     split = check_choice("eval.split", cfg.eval.get("split", "test"), ("test", "val"))
     pl.seed_everything(check_int("seed", cfg.seed, 0, 2**32 - 1), workers=True, verbose=False)
-    eval_seed = check_int("eval.seed", cfg.eval.get("seed"), allow_none=True)
-    use_ema = None if cfg.eval.get("use_ema") is None else check_bool("eval.use_ema", cfg.eval.use_ema)
     datamodule = build.instantiate_datamodule(cfg)  # every config value is named before the checkpoint is read
     with build.held_back() as held:  # Lightning's messages wait until the command is accepted
         trainer = build.instantiate_trainer(cfg, [], [], enable_checkpointing=False, enable_progress_bar=False,
                                             enable_model_summary=False, max_steps=-1, fast_dev_run=False)
-    module, ckpt, path = module_from_checkpoint(cfg.ckpt_path)
-    if eval_seed is not None:
-        module.hparams.eval_seed = eval_seed
-    if use_ema is not None:
-        module.use_ema = use_ema
-    build.check_data_fits_model(datamodule, ckpt["hyper_parameters"]["model"], f"checkpoint {path}")
+    module, ckpt, path = build.checkpoint_module(cfg, datamodule)
     data_line = build.prepare_data(datamodule, ("test",) if split == "test" else ("fit",))  # prints "data: ..."
     if split == "val":  # evaluate the validation set through the test loop
         datamodule.test_dataset = datamodule.val_dataset

@@ -2,53 +2,33 @@
 
     flowlab-sample ckpt_path=outputs/runs/<run_name> 'sample.temperatures=[0,0.7,1]' sample.n_samples=36
 
-Writes ``samples_T<t>.png`` for each temperature (``sample.n_samples`` images, ``sample.nrow`` per
-row) and ``reconstructions.png`` (``sample.reconstructions`` test images, each followed by
-decode(encode(x)), as the paper's Figure 1) into the run directory; a class-conditional model writes
-``samples_T<t>_class<c>.png``, one grid per class of ``sample.classes`` (null: every class) instead,
-``${paths.output_dir}/samples/${run_name}``. The model comes from the checkpoint alone; the data
-(only read for reconstructions) from the config.
+Writes ``samples_T<t>.png`` per temperature (``samples_T<t>_class<c>.png`` per class of ``sample.classes`` for
+a class-conditional model) and ``reconstructions.png`` (test images, each followed by decode(encode(x)), as the
+paper's Figure 1). The model comes from the checkpoint alone; the data (read for reconstructions only) from the config.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections import namedtuple
 
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import default_collate
 
 from flowlab.cli._hydra import run_hydra
-from flowlab.errors import ConfigError, check_bool, check_int
+from flowlab.errors import ConfigError, check_int
 
-__all__ = ["main", "prepare", "sample", "SampleRun"]
-
-
-@dataclass
-class SampleRun:
-    """Everything ``flowlab-sample`` runs with, built once by :func:`prepare`."""
-
-    module: Any
-    ckpt: dict
-    path: Path
-    temperatures: list[float]
-    n_samples: int
-    nrow: int | None
-    seed: int
-    classes: list[int] | None  # None: the model is not class-conditional
-    datamodule: Any  # None when no reconstructions are drawn (then no data is read)
-    n_reconstructions: int
-    device: torch.device
+#: everything flowlab-sample runs with, built once by :func:`prepare`; ``classes`` is None for a model that is
+#: not class-conditional, ``datamodule`` None when no reconstructions are drawn (then no data is read)
+SampleRun = namedtuple("SampleRun", "module ckpt path temperatures n_samples nrow seed classes datamodule "
+                                    "n_reconstructions device")
 
 
 def prepare(cfg: DictConfig) -> SampleRun:
-    """Check the settings, load the checkpoint and (for reconstructions) read the data, writing nothing (called
-    by the Hydra callback before the output directory exists)."""
+    """Check the settings, load the checkpoint and (for reconstructions) read the data; writes nothing."""
     from flowlab.cli import _build as build
     from flowlab.lit.callbacks import check_temperatures
-    from flowlab.lit.checkpoint import module_from_checkpoint
 
     s = cfg.sample
     temperatures = check_temperatures(build.container(s.temperatures), "sample.temperatures")
@@ -56,29 +36,23 @@ def prepare(cfg: DictConfig) -> SampleRun:
     nrow = check_int("sample.nrow", s.get("nrow"), 1, allow_none=True)
     seed = check_int("sample.seed", s.seed)
     n_rec = check_int("sample.reconstructions", s.get("reconstructions", 0), 0)
-    use_ema = None if s.get("use_ema") is None else check_bool("sample.use_ema", s.use_ema)
     datamodule = build.instantiate_datamodule(cfg) if n_rec > 0 else None  # config values before the checkpoint
-    module, ckpt, path = module_from_checkpoint(cfg.ckpt_path)
-    if use_ema is not None:
-        module.use_ema = use_ema
+    module, ckpt, path = build.checkpoint_module(cfg, datamodule, ema_key="sample.use_ema")
     classes = _classes(build.container(s.get("classes")), module.flow)
-    if datamodule is not None:  # read (and check) the data before drawing anything
-        build.check_data_fits_model(datamodule, ckpt["hyper_parameters"]["model"], f"checkpoint {path}")
+    if datamodule is not None:  # read the data before drawing anything
         build.prepare_data(datamodule, ("test",))
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
     return SampleRun(module, ckpt, path, temperatures, n_samples, nrow, seed, classes, datamodule, n_rec, device)
 
 
 def _classes(classes, flow) -> list[int] | None:
-    """The classes to draw: ``sample.classes`` checked against the model (None for a model that is not class-conditional)."""
+    """``sample.classes`` checked against the model: None for a model that is not class-conditional."""
     n = getattr(flow, "n_classes", None) if getattr(flow, "y_condition", False) else None
-    if n is None:
-        if classes is not None:
-            raise ConfigError(f"sample.classes={classes!r} is not allowed: the checkpoint's model is not "
-                              "class-conditional (model.y_condition=false); leave sample.classes=null")
-        return None
-    if classes is None:
-        return list(range(n))
+    if n is None and classes is not None:
+        raise ConfigError(f"sample.classes={classes!r} is not allowed: the checkpoint's model is not "
+                          "class-conditional (model.y_condition=false); leave sample.classes=null")
+    if n is None or classes is None:
+        return None if n is None else list(range(n))
     if not isinstance(classes, list) or not classes or any(isinstance(c, bool) or not isinstance(c, int)
                                                            or not 0 <= c < n for c in classes):
         raise ConfigError(f"sample.classes={classes!r} is not allowed: give a list of classes of the model, "
@@ -92,8 +66,7 @@ def sample(cfg: DictConfig) -> list[str]:
     from flowlab.lit.images import image_grid, pair_grid, reconstruct, sample_images, save_grid, temperature_tag
 
     run = prepared(cfg, prepare)
-    module = run.module
-    module.to(run.device).eval()
+    module = run.module.to(run.device).eval()
     flow = module.eval_flow
     out_dir = build.output_dir("samples.json")
 
@@ -106,10 +79,8 @@ def sample(cfg: DictConfig) -> list[str]:
     rec_err = None
     if run.datamodule is not None:
         ds = run.datamodule.test_dataset
-        items = [ds[i] for i in range(min(run.n_reconstructions, len(ds)))]
-        x = torch.stack([torch.as_tensor(it[0]) for it in items]).to(run.device)
-        index = torch.tensor([int(it[2]) for it in items], device=run.device)
-        x = module.dequantize_eval(x, index)
+        x, _, index = default_collate([ds[i] for i in range(min(run.n_reconstructions, len(ds)))])
+        x = module.dequantize_eval(x.to(run.device), index)
         rec, rec_err = reconstruct(flow, x)
         written.append(str(save_grid(pair_grid(x, rec, module.n_bits), out_dir / "reconstructions.png")))
 
