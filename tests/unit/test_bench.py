@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from flowlab.bench import core, suite
+from flowlab.bench import suite
 from flowlab.cli import bench as cli
 
-ReferenceGlow = core.reference_glow()
+ReferenceGlow = suite.reference_glow()
 
 
 def _finite_positive(v) -> bool:
@@ -40,7 +40,7 @@ def quick_run(tmp_path_factory):
 def test_quick_preset_runs_end_to_end(quick_run):
     code, r, _ = quick_run
     assert code == 0 and r["complete"] and r["env"]["command"].startswith("flowlab-bench --preset quick")
-    assert r["optim"] == core.configs("conv1x1_lu", core.PRESETS["quick"])[1]  # conf/train.yaml's defaults
+    assert r["optim"] == suite.configs("conv1x1_lu", suite.PRESETS["quick"])[1]  # conf/train.yaml's defaults
     assert [(m["model"], m["plain"]) for m in r["models"]] == [
         ("conv1x1_lu", False), ("nxn_lu", False), ("conv1x1_lu", True), ("reference", False)]
     assert r["models"][2]["dtype"] == r["models"][3]["dtype"] == "float32"
@@ -51,7 +51,7 @@ def test_quick_preset_runs_end_to_end(quick_run):
         assert m["sample_finite"] and m["max_reconstruction_error"] < 1e-4  # float32, exact flows
     for key, pair in (("ratio", ("conv1x1_lu", "reference")), ("sampling", ("nxn_lu", "conv1x1_lu"))):
         x = r[key]
-        assert (x["a"], x["b"], x["rounds"]) == (*pair, core.PRESETS["quick"].rounds)
+        assert (x["a"], x["b"], x["rounds"]) == (*pair, suite.PRESETS["quick"].rounds)
         assert x["ratio"]["q1"] <= x["ratio"]["median"] <= x["ratio"]["q3"] and _finite_positive(x["ratio"]["q1"])
 
 
@@ -92,7 +92,7 @@ def test_ratio_summary_is_the_median_of_per_round_ratios():
 
 def test_alternate_reverses_the_order_every_round():
     calls = []
-    secs = core.alternate([lambda: calls.append("a"), lambda: calls.append("b")], rounds=3, calls=1)
+    secs = suite.alternate([lambda: calls.append("a"), lambda: calls.append("b")], rounds=3, calls=1)
     blocks = [calls[i] for i in range(0, len(calls), 3)]  # Timer.timeit: 2 warm-up calls + 1 timed call
     assert blocks == ["a", "b", "b", "a", "a", "b"] and [len(s) for s in secs] == [3, 3]
 
@@ -108,11 +108,11 @@ def test_claims_compare_nxn_with_conv3x3_and_emerging():
 
 
 def test_configs_are_composed_from_conf():
-    p = core.PRESETS["quick"]
-    cfg, optim = core.configs("nxn_lu", p)
+    p = suite.PRESETS["quick"]
+    cfg, optim = suite.configs("nxn_lu", p)
     assert (cfg["_target_"], cfg["permutation"], cfg["nxn_conv1x1"]) == ("flowlab.flows.Glow", "nxn", "lu")
     assert (cfg["K"], cfg["L"], cfg["hidden_channels"], cfg["image_size"], cfg["in_channels"]) == (2, 2, 16, 8, 3)
-    plain = core.configs("nxn_lu", p, plain=True)[1]
+    plain = suite.configs("nxn_lu", p, plain=True)[1]
     assert optim["coupling_dtype"] == "auto" and optim["coupling_channels_last"] and optim["optimizer"]["fused"]
     assert plain["coupling_dtype"] == "float32" and not plain["coupling_channels_last"]
     assert not plain["optimizer"]["fused"]

@@ -190,7 +190,8 @@ def test_unknown_mode_is_refused():
 
 def test_memory_table_rows():
     """The bench's memory table (quick preset): one row per K and mode, invertible keeping the least."""
-    from flowlab.bench.memory import markdown, memory_table
+    from flowlab.bench.report import memory_markdown as markdown
+    from flowlab.bench.suite import memory_table
 
     rows = memory_table(preset="quick", ks=(2,), rounds=1, calls=1)
     assert [r["memory_saving"] for r in rows] == list(memory.MODES)

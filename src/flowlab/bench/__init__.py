@@ -1,2 +1,1 @@
-"""The benchmark behind ``flowlab-bench``: ``core`` (presets, models, the step, timing), ``suite`` (measurements,
-goals), ``memory`` (activation memory per memory_saving mode), ``report`` (markdown, JSON)."""
+"""The benchmark behind ``flowlab-bench``: ``suite`` (models, the step, timing, measurements, goals), ``report``."""

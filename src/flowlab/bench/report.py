@@ -1,5 +1,5 @@
-"""A run's record: the environment it ran in, markdown for people, JSON for scripts. Files get new,
-timestamped names (never over an earlier result) and are replaced atomically as the run progresses."""
+"""A run's record: its environment, markdown for people, JSON for scripts. Files get new, timestamped names
+(never over an earlier result) and are replaced atomically as the run progresses."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def environment(device: torch.device, argv: list[str]) -> dict:
             "load_1m": os.getloadavg()[0]}
 
 
+def table(head: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+
+
 def _n(v, digits: int = 1) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{digits}f}"
 
@@ -47,70 +52,71 @@ def _cfg(v) -> str:  # {"_target_": "torch.optim.Adam", "lr": 0.001} -> Adam(lr=
     return str(v)
 
 
-def _table(head: list[str], rows: list[list]) -> list[str]:
-    return ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(map(str, r)) + " |"
-                                                                           for r in rows), ""]
-
-
 def markdown(r: dict) -> str:
     env, p, hw = r["env"], r["preset"], r["env"]["gpu"] or f"{r['env']['cpu']} ({r['env']['threads']} threads)"
-    out = [f"## flowlab bench: preset `{p['name']}` on {env['device']}", "",
-           f"- {hw}; torch {env['torch']}; python {env['python']}; flowlab {env['flowlab_commit']}; {env['time_utc']} UTC",
-            f"- command: `{env['command']}`",
-            f"- Glow {p['image_size']}×{p['image_size']}×3, K={p['K']}, L={p['L']}, width {p['hidden_channels']}, "
-            f"batch {p['batch']}, image-like synthetic batches; flowlab trains through FlowModule with "
-            f"conf/train.yaml's optim{' and --plain' if r['plain'] else ''}: {_cfg(r['optim'])[1:-1]}",
-            f"- timing: torch.utils.benchmark's Timer.timeit, {p['repeats']} blocks of {p['calls']} calls "
-            f"({p['layer_calls']} for layers) after 2 untimed ones; median [IQR] over blocks"]
+    about = [f"- {hw}; torch {env['torch']}; python {env['python']}; flowlab {env['flowlab_commit']}; {env['time_utc']} UTC",
+             f"- command: `{env['command']}`",
+             f"- Glow {p['image_size']}×{p['image_size']}×3, K={p['K']}, L={p['L']}, width {p['hidden_channels']}, "
+             f"batch {p['batch']}, image-like synthetic batches; flowlab trains through FlowModule with "
+             f"conf/train.yaml's optim{' and --plain' if r['plain'] else ''}: {_cfg(r['optim'])[1:-1]}",
+             f"- timing: torch.utils.benchmark's Timer.timeit, {p['repeats']} blocks of {p['calls']} calls "
+             f"({p['layer_calls']} for layers) after 2 untimed ones; median [IQR] over blocks"]
     if env["load_1m"] and env["load_1m"] > 0.5 * (env["cpu_count"] or 1):
-        out.append(f"- **busy machine (load {env['load_1m']:.2f} on {env['cpu_count']} CPUs): not comparable with a quiet run**")
+        about.append(f"- **busy machine (load {env['load_1m']:.2f} on {env['cpu_count']} CPUs): "
+                     "not comparable with a quiet run**")
     if not r["complete"]:
-        out.append("- **incomplete: the run was cut short; what finished is below**")
+        about.append("- **incomplete: the run was cut short; what finished is below**")
+    out = [f"## flowlab bench: preset `{p['name']}` on {env['device']}", "\n".join(about)]
     if r["models"]:
-        out += _table(["model", "params", "coupling dtype", "train img/s", "eval img/s", "sample img/s", "peak MiB",
+        out += [table(["model", "params", "coupling dtype", "train img/s", "eval img/s", "sample img/s", "peak MiB",
                        "max recon err", "GFLOP/img/step", "TFLOP/s", "MFU"], [
             [m["model"] + " (plain)" * m["plain"], f"{m['params'] / 1e6:.2f} M", m["dtype"],
              _q(m["train_images_per_s"]), _n(m["eval_images_per_s"]["median"]),
-             _n(m["sample_images_per_s"]["median"]), _n(m["peak_mib"], 0),
+             _n(m["sample_images_per_s"]["median"]), _n(m["peak_mib"]),
              f"{m['max_reconstruction_error']:.1e}", f"{m['flops_per_image'] / 1e9:.3g}", f"{m['achieved_tflops']:.3g}",
-             "n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%"] for m in r["models"]])
-        out.append(f"Peak memory: {r['models'][0]['memory_kind']} while training. MFU: over the peak that Lightning's "
-                   "get_available_flops gives for the device and dtype (n/a where it has none).")
+             "n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%"] for m in r["models"]]),
+                f"Peak memory: {r['models'][0]['memory_kind']} while training. MFU: over the peak that Lightning's "
+                "get_available_flops gives for the device and dtype (n/a where it has none)."]
     for key, what in (("ratio", "Training"), ("sampling", "Sampling")):
         if x := r.get(key):
-            out += ["", f"**{what} speed, `{x['a']}` / `{x['b']}`: {x['ratio']['median']:.2f}×** (median of "
-                    f"{x['rounds']} alternating rounds, IQR {x['ratio']['q1']:.2f}–{x['ratio']['q3']:.2f}; "
-                    f"{_n(x['a_images_per_s']['median'])} vs {_n(x['b_images_per_s']['median'])} images/s)"]
+            out.append(f"**{what} speed, `{x['a']}` / `{x['b']}`: {x['ratio']['median']:.2f}×** (median of "
+                       f"{x['rounds']} alternating rounds, IQR {x['ratio']['q1']:.2f}–{x['ratio']['q3']:.2f}; "
+                       f"{_n(x['a_images_per_s']['median'])} vs {_n(x['b_images_per_s']['median'])} images/s)")
     if r.get("goals"):
-        out += ["", "### Goals", *_table(["goal", "measured", "target", "met"], [
+        out += ["### Goals", table(["goal", "measured", "target", "met"], [
             [g["goal"], _n(g["value"], 2 if abs(g["value"]) >= 0.1 else 4), g["target"], "yes" if g["met"] else "NO"]
             for g in r["goals"]])]
     if r.get("layers"):
-        out += ["### Layers (float32, eval, no grad; ms per call, median [IQR])", *_table(
+        out += ["### Layers (float32, eval, no grad; ms per call, median [IQR])", table(
             ["shape", "layer", "params", "forward", "inverse", "max inverse error"],
             [["×".join(map(str, x["shape"])), x["layer"], f"{x['params']:,}", _q(x["forward_ms"], " ms"),
               *((_q(x["inverse_ms"], " ms"), f"{x['inverse_error']:.1e}") if "inverse_ms" in x else ("n/a", "n/a"))]
              for x in r["layers"]["rows"]]),
-            "### The paper's layer claims, measured", *_table(["shape", "claim", "n×n", "other", "holds"], [
+            "### The paper's layer claims, measured", table(["shape", "claim", "n×n", "other", "holds"], [
                 ["×".join(map(str, c["shape"])), c["claim"],
                  *(f"{v:,}" if isinstance(v, int) else f"{v:.3f} ms" for v in (c["nxn"], c["other"])),
-                 "yes" if c["holds"] else "no"]
-                for c in r["layers"]["claims"]])]
+                 "yes" if c["holds"] else "no"] for c in r["layers"]["claims"]])]
     if r.get("memory"):
-        from flowlab.bench.memory import markdown as memory_markdown
-
-        out += ["### Training memory by model.memory_saving (nxn; activation = kept for backward)", "",
-                memory_markdown(r["memory"]), ""]
+        out += ["### Training memory by model.memory_saving (nxn; activation = kept for backward)",
+                memory_markdown(r["memory"])]
     if c := r.get("check"):
         out += [f"### bits/dim: training defaults vs strict float32 ({c['model']}, batch {c['batch']}, {c['images']} "
-                "synthetic images; same initial weights and batches)", *_table(
+                "synthetic images; same initial weights and batches)", table(
                     ["step", "defaults", "float32", "difference"],
                     [[x["step"], f"{x['defaults']:.4f}", f"{x['float32']:.4f}", f"{x['difference']:+.4f}"]
                      for x in c["points"]]),
                 f"Training time: defaults {c['seconds']['defaults']:.1f} s, float32 {c['seconds']['float32']:.1f} s. "
                 f"**Check {'PASSED' if c['passed'] else 'FAILED'}** (|difference| ≤ {c['tolerance']:g} after all "
                 f"{c['steps']} steps)."]
-    return "\n".join(out).rstrip() + "\n"
+    return "\n\n".join(out) + "\n"
+
+
+def memory_markdown(rows: list[dict]) -> str:
+    cuda = "cuda_peak_mib" in rows[0]
+    return table(["K", "memory_saving", "activation MiB", "× none", "peak MiB", "step s", "× none"] + ["CUDA peak MiB"] * cuda,
+                 [[r["K"], r["memory_saving"], f"{r['activation_mib']:.1f}", f"{r['activation_vs_none']:.3f}",
+                   f"{r['peak_mib']:.1f}", f"{r['step_s']:.3f}", f"{r['time_vs_none']:.2f}"]
+                  + ([f"{r['cuda_peak_mib']:.0f}"] if cuda else []) for r in rows])
 
 
 def output_paths(out_dir: str, stem: str) -> tuple[Path, Path]:
