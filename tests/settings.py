@@ -8,6 +8,16 @@ def optim(lr: float = 1e-3, warmup_steps: int = 0, **kw) -> dict:
             "scheduler": scheduler if warmup_steps else None, "grad_clip": 50.0, "ema_decay": None, **kw}
 
 
+def run_settings() -> dict:
+    """FlowModule's seed and evaluation settings as conf/train.yaml sets them (the only defaults)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "train.yaml")
+    return {"seed": cfg.seed, "eval_seed": cfg.eval.seed, "use_ema": cfg.eval.use_ema}
+
+
 def datamodule(name: str, root, **overrides):
     """The DataModule of ``conf/data/<name>.yaml`` reading ``root``: conf/'s settings (the only defaults) with
     ``overrides``. The class is called directly, so its errors arrive unwrapped."""

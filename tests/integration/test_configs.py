@@ -20,6 +20,7 @@ from flowlab.cli import sample as sample_cli
 from flowlab.cli import train as train_cli
 from flowlab.errors import CheckpointError, ConfigError
 from flowlab.lit.module import FlowModule, build_flow
+from tests.settings import run_settings
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -133,7 +134,7 @@ def test_trainers_instantiate(trainer, tmp_path):
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_optimizers_instantiate(optimizer, tmp_path):
     cfg = _compose([f"optim/optimizer={optimizer}"], tmp_path)
-    module = FlowModule(TINY, build.container(cfg.optim))
+    module = FlowModule(TINY, build.container(cfg.optim), **run_settings())
     conf = module.configure_optimizers()
     assert type(conf["optimizer"]).__name__.lower() == optimizer
     assert conf["optimizer"].defaults["lr"] == cfg.optim.optimizer.lr
@@ -146,7 +147,7 @@ def test_experiments_compose_with_paper_settings(experiment, tmp_path):
     build.instantiate_datamodule(cfg)
     with torch.device("meta"):  # the full-size model, without memory or arithmetic
         flow = build_flow(build.container(cfg.model))
-    FlowModule(TINY, build.container(cfg.optim))  # the experiment's optimiser settings, on a small model
+    FlowModule(TINY, build.container(cfg.optim), **run_settings())  # the experiment's optimiser settings, on a small model
     assert {type(c).__name__ for c in build.instantiate_callbacks(cfg)} >= {"StepCheckpoint", "ThroughputMonitor"}
     paper = {"paper_cifar10": ("cifar10", 32, 3, 64, 8), "paper_imagenet32": ("imagenet32", 48, 3, 64, 8),
              "paper_imagenet64": ("imagenet64", 48, 4, 64, 8), "paper_celebahq256": ("celebahq256", 32, 6, 64, 5)}
@@ -171,7 +172,7 @@ def test_experiments_combine_with_every_trainer(experiment, trainer, tmp_path):
 @pytest.mark.parametrize("debug", DEBUG)
 def test_debug_configs(debug, tmp_path):
     cfg = _compose([f"debug={debug}"], tmp_path)
-    FlowModule(build.container(cfg.model), build.container(cfg.optim))
+    FlowModule(build.container(cfg.model), build.container(cfg.optim), **run_settings())
     build.instantiate_trainer(cfg, build.instantiate_callbacks(cfg), [])
     if debug == "fdr":
         assert cfg.trainer.fast_dev_run

@@ -57,7 +57,7 @@ def _datamodule(kind: str, tmp_path, batch_size: int = 4) -> FlowDataModule:
 
 def _module(dm: FlowDataModule) -> FlowModule:
     torch.manual_seed(0)
-    module = FlowModule(tiny(dm.channels, dm.n_bits), OPTIM, eval_seed=7)
+    module = FlowModule(tiny(dm.channels, dm.n_bits), OPTIM, eval_seed=7, seed=0, use_ema=True)
     dm.setup("fit")
     x = torch.stack([dm.train_dataset[i][0] for i in range(8)])
     module.flow.initialize(module.dequantize_train(x))  # data-dependent ActNorm init: a realistic model

@@ -20,6 +20,7 @@ from flowlab.lit import FlowModule, load_checkpoint, module_from_checkpoint
 from flowlab.lit.loggers import CSVLogger
 from flowlab.lit.monitors import InvertibilityMonitor, InvertibilityWarning, TrainingDiverged, mixing_weights
 from tests import settings
+from tests.settings import run_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
 
@@ -98,7 +99,7 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("fault", ["nan_loss", "inf_loss", "nan_grad"])
 def test_a_non_finite_step_is_skipped_and_changes_nothing(fault, tmp_path):
     torch.manual_seed(0)
-    module = Poisoned(tiny(), optim(ema_decay=0.9))
+    module = Poisoned(tiny(), optim(ema_decay=0.9), **run_settings())
     module.fault, module.bad_steps = fault, {2, 3, 6}
     snaps = Snapshots()
     trainer(tmp_path, max_steps=8, callbacks=[snaps]).fit(module, loader(images()))
@@ -112,7 +113,7 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(fault, tmp_path):
 
 def test_skipped_steps_are_logged_saved_and_restored(tmp_path):
     torch.manual_seed(0)
-    module = Poisoned(tiny(), optim())
+    module = Poisoned(tiny(), optim(), **run_settings())
     module.bad_steps = {1, 4}
     logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
     t = trainer(tmp_path, max_steps=6, logger=logger, log_every_n_steps=1)
@@ -122,7 +123,7 @@ def test_skipped_steps_are_logged_saved_and_restored(tmp_path):
     assert logged[0] == 0 and logged[1] == 1 and logged[3] == 1 and logged[4] == 2 and logged[5] == 2
     t.save_checkpoint(tmp_path / "a.ckpt")
     assert load_checkpoint(tmp_path / "a.ckpt")["skipped_steps"] == 2  # weights_only=True loads it
-    resumed = Poisoned(tiny(), optim())
+    resumed = Poisoned(tiny(), optim(), **run_settings())
     resumed.bad_steps = {7}
     trainer(tmp_path, max_steps=9).fit(resumed, loader(images()), ckpt_path=str(tmp_path / "a.ckpt"))
     assert resumed.skipped_steps == 3
@@ -130,7 +131,7 @@ def test_skipped_steps_are_logged_saved_and_restored(tmp_path):
 
 def test_a_run_that_keeps_failing_stops_with_one_message_and_its_last_good_state(tmp_path):
     torch.manual_seed(0)
-    module = Poisoned(tiny(), optim(max_consecutive_skips=4))
+    module = Poisoned(tiny(), optim(max_consecutive_skips=4), **run_settings())
     module.bad_steps = set(range(5, 1000))
     snaps = Snapshots()
     logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
@@ -151,7 +152,7 @@ def test_a_run_that_keeps_failing_stops_with_one_message_and_its_last_good_state
     assert ckpt["skipped_steps"] == 4 and ckpt["global_step"] == 9
     assert "train/skipped_steps" in open(tmp_path / "metrics.csv").readline()  # the logger was flushed
     # ... and training continues from it
-    clean = FlowModule(tiny(), optim(max_consecutive_skips=4))
+    clean = FlowModule(tiny(), optim(max_consecutive_skips=4), **run_settings())
     t2 = trainer(tmp_path / "again", max_steps=12)
     t2.fit(clean, loader(images(256)), ckpt_path=str(path))
     assert t2.global_step == 12 and clean.skipped_steps == 4
@@ -159,7 +160,7 @@ def test_a_run_that_keeps_failing_stops_with_one_message_and_its_last_good_state
 
 
 def test_no_limit_means_never_stop(tmp_path):
-    module = Poisoned(tiny(), optim(max_consecutive_skips=None))
+    module = Poisoned(tiny(), optim(max_consecutive_skips=None), **run_settings())
     module.bad_steps = set(range(2, 100))
     trainer(tmp_path, max_steps=8).fit(module, loader(images()))
     assert module.skipped_steps == 6
@@ -167,7 +168,7 @@ def test_no_limit_means_never_stop(tmp_path):
 
 
 def test_a_checkpoint_of_another_model_names_the_mismatched_keys(tmp_path):
-    module = FlowModule(tiny(), optim())
+    module = FlowModule(tiny(), optim(), **run_settings())
     t = trainer(tmp_path, max_steps=1)
     t.fit(module, loader(images(8)))
     t.save_checkpoint(tmp_path / "m.ckpt")
@@ -201,7 +202,7 @@ class TinyData(pl.LightningDataModule):
 @pytest.mark.parametrize("permutation", ["conv1x1", "conv1x1_lu", "nxn", "emerging"])
 def test_monitor_logs_reconstruction_error_and_weight_health(permutation, tmp_path):
     torch.manual_seed(0)
-    module = FlowModule(tiny(permutation), optim())
+    module = FlowModule(tiny(permutation), optim(), **run_settings())
     monitor = InvertibilityMonitor(**dict(MONITOR, every_n_steps=2, n_images=4))
     logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
     with _no_invertibility_warning():
@@ -247,7 +248,7 @@ def _near_singular(module: FlowModule, permutation: str) -> str:
 @pytest.mark.parametrize("permutation", ["conv1x1", "conv1x1_lu", "nxn", "emerging"])
 def test_monitor_names_a_near_singular_weight_and_warns_about_reconstructions(permutation, tmp_path):
     torch.manual_seed(0)
-    module = FlowModule(tiny(permutation), optim())
+    module = FlowModule(tiny(permutation), optim(), **run_settings())
     monitor = InvertibilityMonitor(**dict(MONITOR, every_n_steps=1000, n_images=4))
     t = trainer(tmp_path, max_steps=2, callbacks=[monitor])
     t.fit(module, datamodule=TinyData(images()))
@@ -265,7 +266,7 @@ def test_monitor_names_a_near_singular_weight_and_warns_about_reconstructions(pe
 
 def test_monitor_warns_when_reconstructions_fail(tmp_path):
     torch.manual_seed(0)
-    module = FlowModule(tiny("conv1x1"), optim())
+    module = FlowModule(tiny("conv1x1"), optim(), **run_settings())
     monitor = InvertibilityMonitor(**dict(MONITOR, every_n_steps=1000, n_images=4, recon_threshold=1e-12, cond_bound=1e9))
     t = trainer(tmp_path, max_steps=1, callbacks=[monitor])
     with pytest.warns(InvertibilityWarning, match=r"step 1: max\|decode\(encode\(x\)\) - x\| = .* exceeds 1e-12"):
@@ -312,7 +313,7 @@ def test_constant_images_give_finite_bits_per_dim(name, n_bits):
     for kind in ("black", "white", "grey", "red"):
         x = _constant(kind, n_bits)
         for init in (x, random):
-            module = FlowModule(_model(name, n_bits), optim())
+            module = FlowModule(_model(name, n_bits), optim(), **run_settings())
             module.train()
             loss = module.training_step((init, torch.zeros(len(init), dtype=torch.long)), 0)
             assert torch.isfinite(loss), (kind, "train loss")

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from flowlab.lit import FlowModule
-from tests.settings import optim
+from tests.settings import optim, run_settings
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -46,7 +46,7 @@ class LossOnlyFault(FlowModule):
 def test_processes_agree_on_skipping_a_step(tmp_path):
     x = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     data = DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=4)
-    module = LossOnlyFault(str(tmp_path), model=MODEL, optim=OPTIM)
+    module = LossOnlyFault(str(tmp_path), model=MODEL, optim=OPTIM, **run_settings())
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=7, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=str(tmp_path))

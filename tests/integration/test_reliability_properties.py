@@ -61,7 +61,8 @@ MODEL = st.one_of(
 @given(model=MODEL, ema=st.sampled_from([None, 0.9]), skipped=st.integers(0, 5), seed=st.integers(0, 2**16))
 def test_checkpoint_round_trip_rebuilds_the_same_model(model, ema, skipped, seed, tmp_path_factory):
     torch.manual_seed(seed)
-    module = FlowModule(model, optim(ema_decay=ema, max_consecutive_skips=20), eval_seed=seed, seed=seed, data={"name": "random"})
+    module = FlowModule(model, optim(ema_decay=ema, max_consecutive_skips=20), eval_seed=seed, seed=seed, use_ema=True,
+                        data={"name": "random"})
     x = torch.randint(0, 2 ** model["n_bits"], (4, model["in_channels"], 8, 8), dtype=torch.uint8)
     module.train()
     module._initialize_flow(module.dequantize_train(x))  # ActNorm's data-dependent init, as on the first step

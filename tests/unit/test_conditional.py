@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from flowlab.errors import ConfigError
 from flowlab.flows import PERMUTATIONS, ConditionalTopPrior, Glow, RealNVP
 from flowlab.flows.multiscale import gaussian_log_prob
+from tests.settings import run_settings
 
 N_CLASSES = 5
 
@@ -153,7 +154,7 @@ def _module(y_weight: float = 0.01):
 
     model = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 2, "hidden_channels": 4,
              "y_condition": True, "n_classes": N_CLASSES, "y_weight": y_weight}
-    return FlowModule(model=model, optim=optim())
+    return FlowModule(model=model, optim=optim(), **run_settings())
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from flowlab.errors import ConfigError
 from flowlab.flows import ActNorm, Glow, InvertibleNxNConv
 from flowlab.flows.coupling import CouplingNet, conv_same
+from tests.settings import run_settings
 from tests.unit.test_flows import brute_force_logdet, prepared
 
 
@@ -99,7 +100,7 @@ def test_an_nxn_checkpoint_from_before_the_switch_loads_with_its_lu_conv():
 
     model = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 1,
              "hidden_channels": 4, "permutation": "nxn", "nxn_conv1x1": "lu"}
-    old = FlowModule(model, {"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}})
+    old = FlowModule(model, {"optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}}, **run_settings())
     old_model = {k: v for k, v in model.items() if k != "nxn_conv1x1"}
     checkpoint = {"hyper_parameters": {**old.hparams, "model": old_model}, "state_dict": old.state_dict()}
     restored = FlowModule.from_checkpoint(checkpoint)

@@ -15,7 +15,7 @@ from flowlab.data.transforms import eval_uniform
 from flowlab.errors import CheckpointError, ConfigError
 from flowlab.flows import ActNorm
 from flowlab.lit import EMA, FlowModule, build_flow, load_checkpoint, module_from_checkpoint
-from tests.settings import optim
+from tests.settings import optim, run_settings
 
 TINY = {"_target_": "flowlab.flows.Glow", "in_channels": 1, "image_size": 8, "K": 1, "L": 2,
         "hidden_channels": 8, "permutation": "nxn", "nxn_conv1x1": "plain", "n_bits": 8}
@@ -38,7 +38,7 @@ def _trainer(**kw) -> pl.Trainer:
 # ---- metric ------------------------------------------------------------------------------------------------
 def test_training_bits_per_dim_is_the_exact_mean_over_unequal_batches():
     values = torch.rand(23, dtype=torch.float64) * 5
-    m = FlowModule(TINY, OPTIM).train_bpd  # torchmetrics' MeanMetric, summing in float64
+    m = FlowModule(TINY, OPTIM, **run_settings()).train_bpd  # torchmetrics' MeanMetric, summing in float64
     for chunk in (values[:1], values[1:8], values[8:]):
         m.update(chunk.float())
     assert m.compute().item() == pytest.approx(values.float().double().mean().item(), abs=1e-12)
@@ -91,7 +91,7 @@ def test_actnorm_is_initialised_from_the_first_training_batch_before_the_first_s
     x = _images(16)
     train = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8)
     val = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long), torch.arange(16)), batch_size=8)
-    module = FlowModule(TINY, optim(lr=0.0))  # lr 0: the step leaves the initialisation as it was
+    module = FlowModule(TINY, optim(lr=0.0), **run_settings())  # lr 0: the step leaves the initialisation as it was
     first = next(m for m in module.flow.modules() if isinstance(m, ActNorm))
     calls = []
     original = ActNorm.initialize
@@ -118,7 +118,7 @@ def test_training_lowers_bits_per_dim_with_warmup_clipping_and_ema():
     x = (_images(32) // 64) * 64  # a simple distribution: 4 grey levels
     dl = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=16, shuffle=True)
     test = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long), torch.arange(32)), batch_size=16)
-    module = FlowModule(TINY, optim(lr=5e-3, warmup_steps=5, grad_clip=1.0, ema_decay=0.9))
+    module = FlowModule(TINY, optim(lr=5e-3, warmup_steps=5, grad_clip=1.0, ema_decay=0.9), **run_settings())
     before = _trainer().test(module, test, verbose=False)[0]["test/bpd"]
     trainer = _trainer(max_steps=40)
     trainer.fit(module, dl)
@@ -132,7 +132,7 @@ def test_training_lowers_bits_per_dim_with_warmup_clipping_and_ema():
 
 def test_test_bpd_does_not_depend_on_batch_size():
     x = _images(13, seed=3)
-    module = FlowModule(TINY, OPTIM)
+    module = FlowModule(TINY, OPTIM, **run_settings())
     module.flow.initialize(module.dequantize_train(x))
     values = []
     for bs in (13, 4, 1):
@@ -143,7 +143,7 @@ def test_test_bpd_does_not_depend_on_batch_size():
 
 def test_optimizer_and_schedule_come_from_target_configs():
     module = FlowModule(TINY, optim(lr=2e-3, warmup_steps=4, optimizer={"_target_": "torch.optim.Adamax", "lr": 2e-3,
-                                                                         "betas": [0.8, 0.9], "foreach": True}))
+                                                                         "betas": [0.8, 0.9], "foreach": True}), **run_settings())
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert type(opt) is torch.optim.Adamax and opt.defaults["betas"] == [0.8, 0.9] and opt.defaults["foreach"]
@@ -152,7 +152,7 @@ def test_optimizer_and_schedule_come_from_target_configs():
         opt.step()
         sched.step()
     assert sched.get_last_lr()[0] == pytest.approx(2e-3)
-    assert type(FlowModule(TINY, OPTIM).configure_optimizers()) is torch.optim.Adam  # no schedule: constant lr
+    assert type(FlowModule(TINY, OPTIM, **run_settings()).configure_optimizers()) is torch.optim.Adam  # no schedule: constant lr
 
 
 @pytest.mark.parametrize("change, named", [
@@ -171,7 +171,7 @@ def test_optimizer_and_schedule_come_from_target_configs():
 ])
 def test_bad_optim_settings_are_refused_when_the_module_is_made(change, named):
     with pytest.raises(ConfigError) as e:
-        FlowModule(TINY, dict(OPTIM, **change))
+        FlowModule(TINY, dict(OPTIM, **change), **run_settings())
     assert named in str(e.value) and "\n" not in str(e.value)
 
 
@@ -192,7 +192,7 @@ def test_build_flow_refuses_nested_directives():
 def saved_checkpoint(tmp_path_factory):
     x = _images(16)
     dl = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8)
-    module = FlowModule(TINY, optim(warmup_steps=3, ema_decay=0.99), data={"name": "tiny"})
+    module = FlowModule(TINY, optim(warmup_steps=3, ema_decay=0.99), data={"name": "tiny"}, **run_settings())
     trainer = _trainer(max_steps=2)
     trainer.fit(module, dl)
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
@@ -284,7 +284,7 @@ def test_fast_path_switches(monkeypatch):
              "hidden_channels": 8, "permutation": "nxn", "n_bits": 8}
     optim = {"optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3, "fused": True}, "coupling_dtype": "bfloat16",
              "coupling_channels_last": True, "ema_decay": 0.99}
-    module = FlowModule(model=model, optim=optim)
+    module = FlowModule(model=model, optim=optim, **run_settings())
     opt = module.configure_optimizers()
     assert opt.defaults.get("fused") is True
     module.on_fit_start()  # resolves optim.coupling_dtype on the device
@@ -305,10 +305,10 @@ def test_fast_path_switches(monkeypatch):
     # the training forward of the two couplings in bfloat16 (the ActNorm initialisation before it: float32)
     assert seen[-2:] == [torch.bfloat16] * 2 and None in seen[:-2]
     assert all(net.compute_dtype is None for net in module.flow.modules() if isinstance(net, CouplingNet))
-    plain = FlowModule(model=model, optim={**optim, "coupling_channels_last": False})
+    plain = FlowModule(model=model, optim={**optim, "coupling_channels_last": False}, **run_settings())
     assert not any(net.channels_last for net in plain.modules() if isinstance(net, CouplingNet))
     monkeypatch.setattr("flowlab.lit.module.fast_coupling_dtype", lambda device: None)
-    auto = FlowModule(model=model, optim={**optim, "coupling_dtype": "auto"})
+    auto = FlowModule(model=model, optim={**optim, "coupling_dtype": "auto"}, **run_settings())
     auto.on_fit_start()
     assert auto._train_coupling_dtype is None  # where bfloat16 is not native: float32
 
@@ -327,4 +327,5 @@ def test_the_sweep_table_reads_each_jobs_bits_per_dim_under_the_modules_metric_n
         (tmp_path / name / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"model": model, "seed": 0}))
         (tmp_path / name / "results.json").write_text(json.dumps({key: 4.0 if name == "a" else 3.5, "params": 1}))
     assert [r["test/bpd"] for r in _sweep_rows(tmp_path)] == [4.0, 3.5]
-    assert FlowModule(conditional, OPTIM).bpd_name == "bpd_cond" and FlowModule(TINY, OPTIM).bpd_name == "bpd"
+    assert FlowModule(conditional, OPTIM, **run_settings()).bpd_name == "bpd_cond"
+    assert FlowModule(TINY, OPTIM, **run_settings()).bpd_name == "bpd"

@@ -103,7 +103,7 @@ class FlowRun:
         # without a Trainer, FlowModule's self.log returns at once (after a warning)
         warnings.filterwarnings("ignore", message=r".*reference is not registered on the model")
         torch.manual_seed(0)
-        self.module = FlowModule(model, optim).to(device)
+        self.module = FlowModule(model, optim, eval_seed=0, seed=0, use_ema=False).to(device)  # no evaluation here
         opt = self.module.configure_optimizers()
         self.opt, self.sched = (opt["optimizer"], opt["lr_scheduler"]["scheduler"]) if isinstance(opt, dict) else (opt, None)
         self.module.on_fit_start()  # resolves optim.coupling_dtype on the device

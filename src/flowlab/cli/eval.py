@@ -28,7 +28,7 @@ def prepare(cfg: DictConfig) -> EvalRun:
     from flowlab.cli import _build as build
 
     draws = check_int("eval.draws", cfg.eval.draws, 1)
-    split = check_choice("eval.split", cfg.eval.get("split", "test"), ("test", "val"))
+    split = check_choice("eval.split", cfg.eval.split, ("test", "val"))
     pl.seed_everything(check_int("seed", cfg.seed, 0, 2**32 - 1), workers=True, verbose=False)
     datamodule = build.instantiate_datamodule(cfg)  # every config value is named before the checkpoint is read
     with build.held_back() as held:  # Lightning's messages wait until the command is accepted

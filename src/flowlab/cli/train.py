@@ -76,7 +76,7 @@ def prepare(cfg: DictConfig) -> TrainRun:
     datamodule = build.instantiate_datamodule(cfg)
     model_hp = build.container(cfg.model)
     module = FlowModule(model=model_hp, optim=build.container(cfg.optim), eval_seed=cfg.eval.seed, seed=cfg.seed,
-                        use_ema=cfg.eval.get("use_ema", True), data=build.container(cfg.data))
+                        use_ema=cfg.eval.use_ema, data=build.container(cfg.data))
     build.check_data_fits_model(datamodule, model_hp, "this config")
     preemption = Preemption()  # a signal: save last.ckpt, then exit 128 + signal; RNG state in checkpoints
     callbacks = [*build.instantiate_callbacks(cfg), preemption]

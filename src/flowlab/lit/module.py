@@ -167,7 +167,7 @@ class FlowModule(pl.LightningModule):
     batches; ``model`` and ``optim`` are conf/train.yaml's configs. Training noise is fresh per step and process;
     evaluation noise is a fixed function of (``eval_seed``, image index, draw) and every image counts once."""
 
-    def __init__(self, model: Mapping, optim: Mapping, eval_seed: int = 1234, seed: int = 0, use_ema: bool = True,
+    def __init__(self, model: Mapping, optim: Mapping, *, eval_seed: int, seed: int, use_ema: bool,
                  data: Mapping | None = None):
         super().__init__()
         model, optim, data = _plain(model), _plain(optim), _plain(data)
