@@ -50,7 +50,7 @@ def run_stamp() -> str:
     if array or job:
         name = f"slurm-{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}" if array else f"slurm-{job}"
         return name + (f".{step}" if step else "")
-    return f"{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}-{secrets.token_hex(2)}"
+    return f"{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}-{secrets.token_hex(4)}"
 
 
 OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
