@@ -326,6 +326,7 @@ def _script(name: str) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # ~30 s of console-script starts; each mistake is also checked in-process by the quick tests above
 def test_typical_mistakes_in_a_shell_end_in_one_line_and_write_nothing(tmp_path):
     garbage_root = tmp_path / "garbage"
     folder = write_cifar10(garbage_root, n_train=40, n_test=10)
