@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 _RELAUNCHING = ("ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true", "fsdp", "deepspeed")
 # strategies that start the processes themselves; under SLURM, SLURM does (one task per process)
 _SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+_ALIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED")
 _ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 _ASKED = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "slurm_mem_per_cpu", "slurm_partition",
           "slurm_gres")  # what a refusal names
@@ -192,7 +193,7 @@ class RequeueSubmititLauncher(_HydraSlurmLauncher):
             for i, (job, label, overrides) in enumerate(jobs):
                 if i in returns:
                     continue
-                if job.done():
+                if job.done() and self._state(job).split(" ")[0] not in _ALIVE:  # a requeued run left a result file
                     returns[i] = self._ended(job, label, overrides)
                 elif (current := self._state(job)) not in (seen.get(i), "UNKNOWN", ""):
                     seen[i] = current

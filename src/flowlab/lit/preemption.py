@@ -121,7 +121,9 @@ class Preemption(Callback):
         _RECEIVED.clear()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.on_train_end(trainer, pl_module)
+        if self.signal_received is None:  # stopping on a signal: go on only noting signals until the process exits, as
+            self.on_train_end(trainer, pl_module)  # Lightning's SIGTERM handler would talk to ranks that have gone
+        _RECEIVED.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """This process's generator states. Rank 0 writes the checkpoint, so its state is kept: every process starts
