@@ -65,8 +65,8 @@ class CIFAR10DataModule(FlowDataModule):
 
     def _load(self, split: str) -> TensorSource:
         fix = f"set data.download=true (needs internet; delete a damaged file first) or {self._how_to_get()}"
-        if self._missing():
-            raise DataError(f"CIFAR-10 not found: {self.root / FOLDER} lacks {', '.join(self._missing())}; {fix}")
+        if missing := self._missing():
+            raise DataError(f"CIFAR-10 not found: {self.root / FOLDER} lacks {', '.join(missing)}; {fix}")
         parts = [read_file(self.root / FOLDER / n, read_cifar_batch, fix) for n in FILES[split]]
         origin = self.root / FOLDER / ("data_batch_1..5" if split == "train" else "test_batch")
         return TensorSource(torch.from_numpy(np.concatenate([p[0] for p in parts])),
