@@ -74,7 +74,7 @@ def test_groups_are_complete():
 def test_data_times_model_composes_and_instantiates(data, model, tmp_path):
     cfg = _compose([f"data={data}", model, "model.K=1", "model.hidden_channels=4",
                     f"model.L={2 if 'realnvp' not in model else 3}"], tmp_path)
-    dm = build.instantiate_datamodule(cfg)  # the constructor checks its arguments; no data is read
+    dm = build.instantiate(cfg.data, "data")  # the constructor checks its arguments; no data is read
     assert dm.n_bits == cfg.data.n_bits and dm.channels == cfg.data.channels
     flow = build_flow(build.container(cfg.model))  # real weights: small width keeps it quick
     assert flow.n_bits == cfg.data.n_bits
@@ -144,7 +144,7 @@ def test_optimizers_instantiate(optimizer, tmp_path):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiments_compose_with_paper_settings(experiment, tmp_path):
     cfg = _compose([f"experiment={experiment}"], tmp_path)
-    build.instantiate_datamodule(cfg)
+    build.instantiate(cfg.data, "data")
     with torch.device("meta"):  # the full-size model, without memory or arithmetic
         flow = build_flow(build.container(cfg.model))
     FlowModule(TINY, build.container(cfg.optim), **run_settings())  # the experiment's optimiser settings, on a small model

@@ -86,10 +86,6 @@ def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
         raise
 
 
-def instantiate_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    return instantiate(cfg.data, "data")
-
-
 def prepare_data(datamodule: pl.LightningDataModule, stages: tuple[str, ...] = ("fit", "test")) -> str:
     """Read the data now (missing or corrupt files fail here); print and return the line that says which data."""
     datamodule.prepare_data()

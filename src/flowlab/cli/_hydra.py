@@ -111,14 +111,13 @@ def _claim(folder: Path, chosen: bool = True) -> bool:
             break
         lock.unlink(missing_ok=True)  # stale: its process has ended
     if chosen:
-        _refuse_if_held(folder, holder or "another process")
+        raise _in_use(folder, holder or "another process")
     return False
 
 
-def _refuse_if_held(folder: Path, holder: str | None) -> None:
-    if holder is not None:
-        raise UserError(f"the run directory {folder} is in use by {holder}: wait for it to end, or choose another "
-                        f"run_name (remove {folder / LOCK} if no such process runs)")
+def _in_use(folder: Path, holder: str) -> UserError:
+    return UserError(f"the run directory {folder} is in use by {holder}: wait for it to end, or choose another "
+                     f"run_name (remove {folder / LOCK} if no such process runs)")
 
 
 @atexit.register
@@ -161,8 +160,8 @@ class CheckConfigBeforeRun(Callback):
             for folder in numbered(wanted) if train else [wanted]:
                 if train and folder.is_dir() and any(folder.iterdir()) and not resume:  # it holds another run
                     continue
-                if train:
-                    _refuse_if_held(folder, _holder(folder))
+                if train and (holder := _holder(folder)) is not None:
+                    raise _in_use(folder, holder)
                 _set_run_dir(config, folder)
                 self._earlier = _hydra_records(folder)
                 run = _prepare(config)

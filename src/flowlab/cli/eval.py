@@ -30,7 +30,7 @@ def prepare(cfg: DictConfig) -> EvalRun:
     draws = check_int("eval.draws", cfg.eval.draws, 1)
     split = check_choice("eval.split", cfg.eval.split, ("test", "val"))
     pl.seed_everything(check_int("seed", cfg.seed, 0, 2**32 - 1), workers=True, verbose=False)
-    datamodule = build.instantiate_datamodule(cfg)  # every config value is named before the checkpoint is read
+    datamodule = build.instantiate(cfg.data, "data")  # every config value is named before the checkpoint is read
     with build.held_back() as held:  # Lightning's messages wait until the command is accepted
         trainer = build.instantiate_trainer(cfg, [], [], enable_checkpointing=False, enable_progress_bar=False,
                                             enable_model_summary=False, max_steps=-1, fast_dev_run=False)

@@ -134,7 +134,7 @@ def prepare(cfg: DictConfig) -> OODRun:
          "M": check_int("ood.typicality.batch_size", t.batch_size, 1, allow_none=True),
          "bootstrap": check_int("ood.typicality.bootstrap", t.bootstrap, 1),
          "alpha": check_number("ood.typicality.alpha", t.alpha, 0, 1, low_open=True, high_open=True)}
-    datamodule = build.instantiate_datamodule(cfg)
+    datamodule = build.instantiate(cfg.data, "data")
     if datamodule.name in o["datasets"]:
         raise ConfigError(f"ood.datasets: {datamodule.name} is the in-distribution set (data={datamodule.name}); "
                           "leave it out")
@@ -252,10 +252,6 @@ def _log(loggers: list, pairs: list[dict], rows: list[list], bpd: dict[str, torc
     return hint
 
 
-def _cell(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def ood(cfg: DictConfig) -> str:
     from flowlab.cli import _build as build
     from flowlab.cli._hydra import prepared
@@ -291,9 +287,9 @@ def ood(cfg: DictConfig) -> str:
     run.logger_cfg.paths.run_dir = str(out_dir)
     hint = _log(build.instantiate_loggers(run.logger_cfg), pairs, rows, bpd, histogram)
     print(f"{'set':<16} {'images':>7} {'mean bpd':>9} {'AUROC':>7} {'AUPR':>7} {'typicality OOD rate':>20}", flush=True)
-    for _, n, images, mean, auroc, aupr, rate in rows:
-        print(f"{n:<16} {images:>7} {mean:>9.4f} {_cell(auroc, '.4f'):>7} {_cell(aupr, '.4f'):>7} "
-              f"{_cell(rate, '.3f'):>20}", flush=True)
+    for _, n, images, mean, *rest in rows:  # AUROC, AUPR, typicality OOD rate: "-" where there is none
+        auroc, aupr, rate = ("-" if v is None else format(v, spec) for v, spec in zip(rest, (".4f", ".4f", ".3f")))
+        print(f"{n:<16} {images:>7} {mean:>9.4f} {auroc:>7} {aupr:>7} {rate:>20}", flush=True)
     if hint:
         print(hint, flush=True)
     print(f"run directory: {out_dir}", flush=True)

@@ -36,7 +36,7 @@ def prepare(cfg: DictConfig) -> SampleRun:
     nrow = check_int("sample.nrow", s.get("nrow"), 1, allow_none=True)
     seed = check_int("sample.seed", s.seed)
     n_rec = check_int("sample.reconstructions", s.reconstructions, 0)
-    datamodule = build.instantiate_datamodule(cfg) if n_rec > 0 else None  # config values before the checkpoint
+    datamodule = build.instantiate(cfg.data, "data") if n_rec > 0 else None  # config values before the checkpoint
     module, ckpt, path = build.checkpoint_module(cfg, datamodule, ema_key="sample.use_ema")
     classes = _classes(build.container(s.get("classes")), module.flow)
     if datamodule is not None:  # read the data before drawing anything

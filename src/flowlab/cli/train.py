@@ -73,7 +73,7 @@ def prepare(cfg: DictConfig) -> TrainRun:
     from flowlab.lit.preemption import Preemption
 
     pl.seed_everything(check_int("seed", cfg.seed, 0, 2**32 - 1), workers=True, verbose=False)
-    datamodule = build.instantiate_datamodule(cfg)
+    datamodule = build.instantiate(cfg.data, "data")
     model_hp = build.container(cfg.model)
     module = FlowModule(model=model_hp, optim=build.container(cfg.optim), eval_seed=cfg.eval.seed, seed=cfg.seed,
                         use_ema=cfg.eval.use_ema, data=build.container(cfg.data))

@@ -111,10 +111,7 @@ def _optim_of_old_checkpoints(optim: dict) -> dict:
     name = str(o.pop("optimizer")).lower()
     new = {"_target_": {"adam": "torch.optim.Adam", "adamax": "torch.optim.Adamax"}.get(name, name), "_partial_": True,
            "lr": o.pop("lr", 1e-3)}
-    for k in ("betas", "weight_decay"):
-        value = o.pop(k, None)
-        if value is not None:
-            new[k] = value
+    new.update({k: v for k in ("betas", "weight_decay") if (v := o.pop(k, None)) is not None})
     if o.pop("fused", False):
         new["fused" if name == "adam" else "foreach"] = True
     warmup = int(o.pop("warmup_steps", 0) or 0)
