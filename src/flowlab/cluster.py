@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 _RELAUNCHING = ("ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true", "fsdp", "deepspeed")
 # strategies that start the processes themselves; under SLURM, SLURM does (one task per process)
 _SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")
-_ALIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED")
+# the final states of a SLURM job besides COMPLETED; in any other state it may still run
 _ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 _ASKED = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "slurm_mem_per_cpu", "slurm_partition",
           "slurm_gres")  # what a refusal names
@@ -106,15 +107,27 @@ def _overrides_for_slurm(cfg, overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith("trainer.strategy=")] + ["trainer.strategy=ddp"]
 
 
-def _short_error(job) -> str:
-    """Why a job failed: its ``error: ...`` line, else the last line of its stderr."""
+def slurm_states(job_ids: Sequence[str]) -> dict[str, tuple[str, int]] | None:
+    """The controller's (``squeue``) state and requeue count of each job or array task it holds, which alone knows
+    a job being requeued from one that ended (sacct once showed one FAILED); ``None`` while it does not answer."""
+    ask = ["squeue", "-h", "-t", "all", "-r", "-O", "JobArrayID:|,State:|,RestartCnt:", "-j",
+           ",".join(sorted({i.split("_")[0] for i in job_ids}))]
     try:
+        queue = subprocess.run(ask, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = [line.split("|") for line in queue.stdout.splitlines() if line.count("|") == 2]
+    return None if queue.returncode and "Invalid job id" not in queue.stderr else \
+        {job.strip(): (state.strip(), int(n) if n.strip().isdigit() else 0) for job, state, n in rows}
+
+
+def _short_error(job) -> str:
+    """Why a job failed: its last ``error: ...`` line, else the last line of its stderr."""
+    with contextlib.suppress(Exception):  # no log yet / unreadable: the message says where to look
         lines = [line for line in (job.stderr() or "").splitlines() if line.strip()]
-    except Exception:  # noqa: BLE001 - no log yet / unreadable: say where to look
-        lines = []
-    picked = [line for line in lines if line.startswith("error: ")] or lines[-1:]
-    line = picked[-1].removeprefix("error: ") if picked else "no error output"
-    return line.split("] ", 1)[-1] if line.startswith("[") else line  # "error: [<sweep point>] <message>"
+        line = ([x for x in lines if x.startswith("error: ")] or lines or ["no error output"])[-1].removeprefix("error: ")
+        return line.split("] ", 1)[-1] if line.startswith("[") else line  # "error: [<sweep point>] <message>"
+    return "no error output"
 
 
 class RequeueSubmititLauncher(_HydraSlurmLauncher):
@@ -181,28 +194,34 @@ class RequeueSubmititLauncher(_HydraSlurmLauncher):
             jobs.update({p[2]: (job, *points[p[2]]) for p, job in zip(params, submitted)})
         return self._follow([jobs[i] for i in sorted(jobs)])
 
-    def _state(self, job, mode: str = "cache") -> str:
-        return job.watcher.get_state(job.job_id, mode=mode) if self.cluster == "slurm" else job.state
-
     def _follow(self, jobs: list[tuple]) -> list:
-        """Wait for the jobs, printing each one's state when it changes; their JobReturns, in sweep order."""
+        """Wait for the jobs, printing each one's state when it changes and each requeue; their JobReturns, in
+        sweep order."""
         returns: dict[int, Any] = {}
-        seen: dict[int, str] = {}
+        seen: dict[int, tuple[str, int]] = {}
+        states: dict[str, tuple[str, int]] = {}
         while True:
-            self._state(jobs[0][0], mode="force")  # one sacct for every job
+            if self.cluster != "slurm":  # local, debug (whose done() runs the job)
+                states = {job.job_id: ("COMPLETED" if job.done() else "RUNNING", 0) for job, *_ in jobs}
+            elif (held := slurm_states([job.job_id for job, *_ in jobs])) is not None:  # else: as before
+                states = {job.job_id: held.get(job.job_id) or (job.watcher.get_state(job.job_id, "force"), 0)
+                          for job, *_ in jobs}
             for i, (job, label, overrides) in enumerate(jobs):
-                if i in returns:
+                (state, restarts), (before, requeues) = states.get(job.job_id, ("", 0)), seen.get(i, ("", 0))
+                if i in returns or state in ("UNKNOWN", ""):
                     continue
-                if job.done() and self._state(job).split(" ")[0] not in _ALIVE:  # a requeued run left a result file
-                    returns[i] = self._ended(job, label, overrides)
-                elif (current := self._state(job)) not in (seen.get(i), "UNKNOWN", ""):
-                    seen[i] = current
-                    print(f"[slurm] job {job.job_id} ({label}): {seen[i]}", flush=True)
+                if restarts > requeues:
+                    print(f"[slurm] job {job.job_id} ({label}): REQUEUED (restart {restarts})", flush=True)
+                if state.split(" ")[0] in ("COMPLETED", *_ENDED_BADLY):
+                    returns[i] = self._ended(job, label, overrides, state)
+                elif state != before or restarts > requeues:  # after a requeue: the state it is in now
+                    print(f"[slurm] job {job.job_id} ({label}): {state}", flush=True)
+                seen[i] = (state, max(restarts, requeues))
             if len(returns) == len(jobs):
                 return [returns[i] for i in range(len(jobs))]
             time.sleep(self.poll_s)
 
-    def _ended(self, job, label: str, overrides: list[str]):
+    def _ended(self, job, label: str, overrides: list[str], state: str):
         """Print how a finished job ended (``COMPLETED test/bpd=...``, else its state and why); its JobReturn."""
         try:
             ret = job.results()[0]  # rank 0's
@@ -215,7 +234,6 @@ class RequeueSubmititLauncher(_HydraSlurmLauncher):
             return ret
         error = getattr(ret, "_return_value", None)  # the task raised, or recorded its error on the node
         why = str(error) if isinstance(error, BaseException) else _short_error(job)
-        state = self._state(job, mode="force")
         state = state if (state.split() or [""])[0] in _ENDED_BADLY else "FAILED"
         print(f"[slurm] job {job.job_id} ({label}): {state} {why}", flush=True)
         if not isinstance(error, BaseException):

@@ -8,7 +8,8 @@ tests/cluster/slurm.sh, runs these tests and stops it); without one every test h
 - (b) a 2-point sweep goes out as one job array; both points end COMPLETED with their test/bpd.
 - (c) SIGUSR1 (``scancel --signal=USR1``, what SLURM sends before the time limit) under 2-process DDP, three
   times: each time both ranks save last.ckpt at one step boundary and rank 0 requeues the job, which resumes
-  ("Resuming from") and ends at exactly max_steps; SIGUSR1s during and after the test stage change nothing.
+  ("Resuming from") and ends at exactly max_steps, the submitter printing each requeue; SIGUSR1s during and
+  after the test stage change nothing.
 - A request the node cannot satisfy is refused at submission in one line and leaves no folder behind.
 """
 
@@ -172,7 +173,8 @@ def test_c_sigusr1_under_ddp_requeues_resumes_and_ends_at_max_steps(tmp_path):
         stop(proc)
     assert proc.returncode == 0, text[-3000:]
     assert re.search(rf"^\[slurm\] job {job} \(#0\): COMPLETED test/bpd=\d+\.\d+", text, re.M), text[-3000:]
-    assert re.search(rf"^\[slurm\] job {job} \(#0\): REQUEUED$", text, re.M), "the submitter saw the requeue"
+    requeues = re.findall(rf"^\[slurm\] job {job} \(#0\): REQUEUED \(restart (\d+)\)$", text, re.M)
+    assert requeues == [str(n) for n in range(1, preemptions + 1)], "the submitter saw each requeue"
     assert _sacct(job) == "COMPLETED"
     out = (sweep / ".submitit" / job / f"{job}_0_log.out").read_text()  # rank 0's stdout, every run of the job
     assert out.count("Resuming from ") == preemptions and f"Resuming from {ckpts / 'last.ckpt'}" in out

@@ -117,3 +117,57 @@ def test_requeues_stop_after_max_num_timeout(monkeypatch):
             monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
         assert set_requeue_allowed(2) is expected
         assert os.environ[REQUEUE_ENV] == ("1" if expected else "0")
+
+
+
+def _squeue(tmp_path, monkeypatch, *answers: str):
+    """A stand-in ``squeue`` that gives one answer per call; ``!<error>``: that error, status 1."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (tmp_path / "answers").write_text("\n".join(answers) + "\n")
+    (bin_dir / "squeue").write_text(f"""#!/bin/sh
+n=$(cat {tmp_path}/calls 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/calls
+line=$(sed -n "$((n + 1))p" {tmp_path}/answers)
+case "$line" in "!"*) echo "slurm_load_jobs error: ${{line#!}}" >&2; exit 1;; esac
+printf '%s\\n' "$line" | tr ';' '\\n'
+""")
+    os.chmod(bin_dir / "squeue", 0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_states_are_the_controllers(tmp_path, monkeypatch):
+    from flowlab.cluster import slurm_states
+
+    _squeue(tmp_path, monkeypatch, "7|PENDING|1;9_1|RUNNING|0", "!Invalid job id specified",
+            "!Unable to contact slurm controller (connect failure)")
+    assert slurm_states(["7", "8", "9_1"]) == {"7": ("PENDING", 1), "9_1": ("RUNNING", 0)}  # 8: purged
+    assert slurm_states(["7", "8"]) == {}, "the controller holds none of them"
+    assert slurm_states(["7"]) is None, "no answer: no states, so no job ends"
+
+
+def test_a_requeued_job_is_followed_to_its_end_whatever_sacct_shows_meanwhile(tmp_path, monkeypatch, capsys):
+    """A job ends when the controller says so: while it is being requeued sacct once showed it FAILED (CI), and
+    the submitter, which then followed sacct, reported the requeued job as failed. sacct is asked only about a
+    job the controller no longer holds."""
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from flowlab.cluster import RequeueSubmititLauncher
+
+    asked = []
+    done = JobReturn(overrides=[], status=JobStatus.COMPLETED, _return_value=3.25,
+                     hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": "/runs/r"}}}))
+    job = SimpleNamespace(job_id="7", results=lambda: [done], watcher=SimpleNamespace(
+        get_state=lambda job_id, mode: asked.append(job_id) or "COMPLETED"))
+    _squeue(tmp_path, monkeypatch, "7|RUNNING|0", "!Unable to contact slurm controller", "7|COMPLETING|1",
+            "7|PENDING|1", "7|RUNNING|1", "7|RUNNING|2", "!Invalid job id specified")  # requeued twice
+    launcher = RequeueSubmititLauncher(cluster="slurm", requeue_signal="USR1", poll_s=0)
+    (ret,) = launcher._follow([(job, "#0", [])])
+    assert ret is done and asked == ["7"], "sacct only once the controller has purged the job"
+    assert capsys.readouterr().out.splitlines() == [
+        "[slurm] job 7 (#0): RUNNING", "[slurm] job 7 (#0): REQUEUED (restart 1)", "[slurm] job 7 (#0): COMPLETING",
+        "[slurm] job 7 (#0): PENDING", "[slurm] job 7 (#0): RUNNING", "[slurm] job 7 (#0): REQUEUED (restart 2)",
+        "[slurm] job 7 (#0): RUNNING",
+        "[slurm] job 7 (#0): COMPLETED test/bpd=3.250000 run directory: /runs/r"]
