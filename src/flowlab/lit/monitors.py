@@ -12,6 +12,7 @@ import torch
 
 from flowlab.errors import CheckpointError, UserError, check_int, check_number
 from flowlab.lit.callbacks import EveryNSteps, fixed_inputs
+from flowlab.lit.checkpoint import CHECKPOINT_DIRNAME, module_from_checkpoint
 from flowlab.lit.images import eval_mode, reconstruct
 
 
@@ -31,8 +32,6 @@ def _finite_loss(module, x: torch.Tensor) -> bool:
 
 def _newest_finite(folder: Path, before: int, x: torch.Tensor) -> Path | None:
     """The newest ``step_*.ckpt`` in ``folder`` from before step ``before`` whose weights give a finite loss."""
-    from flowlab.lit.checkpoint import module_from_checkpoint
-
     for path in sorted(folder.glob("step_*.ckpt"), reverse=True):
         try:
             module, ckpt, _ = module_from_checkpoint(path)
@@ -50,7 +49,7 @@ def stop_diverged(trainer, streak: int, total: int) -> None:
     good = step - streak
     x = fixed_inputs(trainer.lightning_module, trainer.datamodule, 8)
     finite = x is None or _finite_loss(trainer.lightning_module, x)
-    folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+    folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir) / CHECKPOINT_DIRNAME
     path = folder / f"{'last_good' if finite else 'diverged'}_step_{step:07d}.ckpt"
     error = None
     try:
